@@ -1,0 +1,437 @@
+//! JWT verification: a token in, a [`Principal`] or a typed [`AuthError`] out.
+//! Pure: no I/O once the [`Authenticator`] is built from configuration.
+//!
+//! The accepted algorithms come from `auth.algorithms` only. The token's header
+//! selects among them and never widens them; `none` is never accepted, and an
+//! HMAC token is checked against `auth.hmac_secret` only, never against the
+//! public key, which defeats key-confusion tokens.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::channel::{self, Pattern};
+use crate::config::{AuthConfig, ConfigError};
+
+/// An authenticated client.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    /// The token's `sub`.
+    pub user: Arc<str>,
+    /// Channel patterns this connection may subscribe to.
+    pub grants: Arc<[Pattern]>,
+    /// When the token stops being valid: its `exp` plus the configured leeway,
+    /// in seconds since the Unix epoch.
+    pub expires_at: u64,
+}
+
+impl Principal {
+    /// Whether the token allows subscribing to `channel`.
+    pub fn may_subscribe(&self, channel: &str) -> bool {
+        self.grants.iter().any(|grant| grant.matches(channel))
+    }
+}
+
+/// Why a token was refused. [`AuthError::code`] is the stable reason sent to
+/// clients and used as the metric label.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no token: send Authorization: Bearer, ?token= or the herald.auth.<token> subprotocol")]
+    Missing,
+    #[error("token is larger than the configured maximum")]
+    TooLarge,
+    #[error("token is not a well-formed JWT")]
+    Malformed,
+    #[error("token signature algorithm is not allowed")]
+    AlgorithmNotAllowed,
+    #[error("token signature is invalid")]
+    BadSignature,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not valid yet")]
+    NotYetValid,
+    #[error("token issuer is not accepted")]
+    WrongIssuer,
+    #[error("token audience is not accepted")]
+    WrongAudience,
+    #[error("token lacks the required claim `{0}`")]
+    MissingClaim(String),
+    #[error("token claim `{0}` has the wrong type")]
+    InvalidClaim(String),
+    #[error("refreshed token is for a different subject")]
+    SubjectChanged,
+}
+
+impl AuthError {
+    /// The stable machine-readable reason.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing_token",
+            AuthError::TooLarge => "token_too_large",
+            AuthError::Malformed => "malformed_token",
+            AuthError::AlgorithmNotAllowed => "algorithm_not_allowed",
+            AuthError::BadSignature => "bad_signature",
+            AuthError::Expired => "token_expired",
+            AuthError::NotYetValid => "token_not_yet_valid",
+            AuthError::WrongIssuer => "wrong_issuer",
+            AuthError::WrongAudience => "wrong_audience",
+            AuthError::MissingClaim(_) => "missing_claim",
+            AuthError::InvalidClaim(_) => "invalid_claim",
+            AuthError::SubjectChanged => "subject_changed",
+        }
+    }
+}
+
+/// Verifies tokens against the configured keys and rules.
+pub struct Authenticator {
+    /// `auth.algorithms`, parsed.
+    algorithms: Vec<Algorithm>,
+    /// Key for HS* tokens, when a secret is configured.
+    hmac_key: Option<DecodingKey>,
+    /// Key for the asymmetric algorithms, when a public key file is configured.
+    public_key: Option<DecodingKey>,
+    /// Validation template: leeway, nbf, issuer and audience rules.
+    validation: Validation,
+    /// Leeway in seconds, added to `exp` for the connection's expiry.
+    leeway: u64,
+    channels_claim: String,
+    /// `auth.user_channels`, still holding their `{sub}` placeholders.
+    user_channels: Vec<String>,
+    max_token_bytes: usize,
+}
+
+impl Authenticator {
+    /// Builds the verifier, reading and parsing the public key file if any.
+    pub fn from_config(config: &AuthConfig) -> Result<Authenticator, ConfigError> {
+        let mut algorithms = Vec::new();
+        for name in &config.algorithms {
+            let algorithm: Algorithm = name.parse().map_err(|_| {
+                ConfigError::invalid(
+                    "auth.algorithms",
+                    format!(
+                        "unknown algorithm {name:?}; use HS256/384/512, RS256/384/512, PS256/384/512, ES256, ES384 or EdDSA"
+                    ),
+                )
+            })?;
+            algorithms.push(algorithm);
+        }
+        if algorithms.is_empty() {
+            return Err(ConfigError::invalid("auth.algorithms", "must list at least one algorithm"));
+        }
+        let wants_hmac = algorithms.iter().any(|a| family(*a) == Family::Hmac);
+        let hmac_key = match (&config.hmac_secret, wants_hmac) {
+            (Some(secret), true) => {
+                if secret.expose().len() < 32 {
+                    return Err(ConfigError::invalid(
+                        "auth.hmac_secret",
+                        "must be at least 32 bytes for HMAC algorithms",
+                    ));
+                }
+                Some(DecodingKey::from_secret(secret.expose().as_bytes()))
+            }
+            (None, true) => {
+                return Err(ConfigError::invalid(
+                    "auth.hmac_secret",
+                    "is required because auth.algorithms lists an HS* algorithm",
+                ));
+            }
+            (_, false) => None,
+        };
+        let asymmetric: Vec<Family> = algorithms
+            .iter()
+            .map(|a| family(*a))
+            .filter(|f| *f != Family::Hmac)
+            .collect();
+        let public_key = match asymmetric.first() {
+            None => None,
+            Some(first) => {
+                if asymmetric.iter().any(|f| f != first) {
+                    return Err(ConfigError::invalid(
+                        "auth.algorithms",
+                        "may list asymmetric algorithms of one key type only (RSA, EC or Ed25519)",
+                    ));
+                }
+                let path = config.public_key_file.as_ref().ok_or_else(|| {
+                    ConfigError::invalid(
+                        "auth.public_key_file",
+                        "is required because auth.algorithms lists an asymmetric algorithm",
+                    )
+                })?;
+                let pem = std::fs::read(path).map_err(|e| {
+                    ConfigError::invalid(
+                        "auth.public_key_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                let key = match first {
+                    Family::Rsa => DecodingKey::from_rsa_pem(&pem),
+                    Family::Ec => DecodingKey::from_ec_pem(&pem),
+                    Family::Ed => DecodingKey::from_ed_pem(&pem),
+                    Family::Hmac | Family::Unsupported => {
+                        return Err(ConfigError::invalid(
+                            "auth.algorithms",
+                            format!("algorithm {:?} is not supported", config.algorithms),
+                        ));
+                    }
+                }
+                .map_err(|e| {
+                    ConfigError::invalid(
+                        "auth.public_key_file",
+                        format!("{} is not a PEM public key of the configured type: {e}", path.display()),
+                    )
+                })?;
+                Some(key)
+            }
+        };
+        for template in &config.user_channels {
+            Pattern::parse(&template.replace("{sub}", "x")).map_err(|e| {
+                ConfigError::invalid("auth.user_channels", format!("{template:?}: {e}"))
+            })?;
+        }
+
+        let mut validation = Validation::new(algorithms[0]);
+        validation.algorithms = algorithms.clone();
+        validation.leeway = config.leeway.as_secs();
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
+        match &config.issuer {
+            Some(issuer) => {
+                validation.set_issuer(&[issuer]);
+                required.push("iss");
+            }
+            None => validation.iss = None,
+        }
+        match &config.audience {
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        validation.set_required_spec_claims(&required);
+
+        Ok(Authenticator {
+            algorithms,
+            hmac_key,
+            public_key,
+            validation,
+            leeway: config.leeway.as_secs(),
+            channels_claim: config.channels_claim.clone(),
+            user_channels: config.user_channels.clone(),
+            max_token_bytes: config.max_token_bytes,
+        })
+    }
+
+    /// Verifies `token` and extracts the principal.
+    pub fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        if token.len() > self.max_token_bytes {
+            return Err(AuthError::TooLarge);
+        }
+        let algorithm = self.header_algorithm(token)?;
+        let key = match family(algorithm) {
+            Family::Hmac => self.hmac_key.as_ref(),
+            _ => self.public_key.as_ref(),
+        }
+        .ok_or(AuthError::AlgorithmNotAllowed)?;
+        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
+            .map_err(map_jwt_error)?;
+        self.principal(data.claims)
+    }
+
+    /// Verifies a refreshed token: it must be valid and for the same subject.
+    pub fn refresh(&self, current: &Principal, token: &str) -> Result<Principal, AuthError> {
+        let next = self.authenticate(token)?;
+        if next.user != current.user {
+            return Err(AuthError::SubjectChanged);
+        }
+        Ok(next)
+    }
+
+    /// Reads the header's `alg` ourselves so that `none` and unknown names get a
+    /// precise answer, and refuses anything not configured before any key is used.
+    fn header_algorithm(&self, token: &str) -> Result<Algorithm, AuthError> {
+        let header = token.split('.').next().ok_or(AuthError::Malformed)?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header.trim_end_matches('='))
+            .map_err(|_| AuthError::Malformed)?;
+        #[derive(Deserialize)]
+        struct RawHeader {
+            alg: String,
+        }
+        let raw: RawHeader = serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)?;
+        let algorithm: Algorithm = raw.alg.parse().map_err(|_| AuthError::AlgorithmNotAllowed)?;
+        if !self.algorithms.contains(&algorithm) {
+            return Err(AuthError::AlgorithmNotAllowed);
+        }
+        Ok(algorithm)
+    }
+
+    fn principal(&self, claims: Claims) -> Result<Principal, AuthError> {
+        let mut grants = Vec::new();
+        match claims.rest.get(&self.channels_claim) {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(items)) => {
+                for item in items {
+                    // A malformed grant refuses the token rather than being guessed at.
+                    if let Some(pattern) = item.as_str().and_then(|s| Pattern::parse(s).ok()) {
+                        grants.push(pattern);
+                    } else {
+                        return Err(AuthError::InvalidClaim(self.channels_claim.clone()));
+                    }
+                }
+            }
+            Some(_) => return Err(AuthError::InvalidClaim(self.channels_claim.clone())),
+        }
+        // `{sub}` is substituted only with a subject that is itself a valid
+        // channel name, so a subject such as `*` can never become a wildcard.
+        if channel::validate_name(&claims.sub).is_ok() {
+            for template in &self.user_channels {
+                if let Ok(pattern) = Pattern::parse(&template.replace("{sub}", &claims.sub)) {
+                    grants.push(pattern);
+                }
+            }
+        }
+        Ok(Principal {
+            user: claims.sub.into(),
+            grants: grants.into(),
+            expires_at: claims.exp.saturating_add(self.leeway),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Hmac,
+    Rsa,
+    Ec,
+    Ed,
+    Unsupported,
+}
+
+fn family(algorithm: Algorithm) -> Family {
+    use Algorithm::*;
+    match algorithm {
+        HS256 | HS384 | HS512 => Family::Hmac,
+        RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => Family::Rsa,
+        ES256 | ES384 => Family::Ec,
+        EdDSA => Family::Ed,
+        // Algorithms added to jsonwebtoken later are unknown to herald; they
+        // cannot appear in `auth.algorithms` without being listed here.
+        _ => Family::Unsupported,
+    }
+}
+
+fn map_jwt_error(error: jsonwebtoken::errors::Error) -> AuthError {
+    use jsonwebtoken::errors::ErrorKind;
+    match error.into_kind() {
+        ErrorKind::InvalidSignature => AuthError::BadSignature,
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+        ErrorKind::InvalidAudience => AuthError::WrongAudience,
+        ErrorKind::MissingRequiredClaim(claim) => AuthError::MissingClaim(claim),
+        ErrorKind::InvalidClaimFormat(claim) => AuthError::InvalidClaim(claim),
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => {
+            AuthError::AlgorithmNotAllowed
+        }
+        // A key that does not fit the algorithm cannot have made the signature.
+        ErrorKind::InvalidEcdsaKey | ErrorKind::InvalidEddsaKey | ErrorKind::InvalidRsaKey(_) | ErrorKind::InvalidKeyFormat => {
+            AuthError::BadSignature
+        }
+        _ => AuthError::Malformed,
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Mints an HS256 token for `sub` granting `channels`, valid for `ttl`. For
+/// `herald token`, `herald dev` and tests.
+pub fn mint_hs256(secret: &str, sub: &str, channels: &[String], ttl: Duration) -> String {
+    let now = unix_now();
+    let claims = serde_json::json!({
+        "sub": sub,
+        "channels": channels,
+        "iat": now,
+        "exp": now + ttl.as_secs(),
+    });
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("HS256 signing with an in-memory secret cannot fail")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn authenticator(config: impl FnOnce(&mut AuthConfig)) -> Authenticator {
+        let mut auth = AuthConfig {
+            hmac_secret: Some(Secret::new(SECRET)),
+            ..AuthConfig::default()
+        };
+        config(&mut auth);
+        Authenticator::from_config(&auth).unwrap()
+    }
+
+    #[test]
+    fn minted_token_round_trips() {
+        let auth = authenticator(|_| {});
+        let token = mint_hs256(SECRET, "alice", &["prices.*".into()], Duration::from_secs(60));
+        let principal = auth.authenticate(&token).unwrap();
+        assert_eq!(&*principal.user, "alice");
+        assert!(principal.may_subscribe("prices.AAPL"));
+        assert!(!principal.may_subscribe("news"));
+    }
+
+    #[test]
+    fn user_channels_substitute_only_safe_subjects() {
+        let auth = authenticator(|c| c.user_channels = vec!["user.{sub}.*".into()]);
+        let ok = auth
+            .authenticate(&mint_hs256(SECRET, "bob", &[], Duration::from_secs(60)))
+            .unwrap();
+        assert!(ok.may_subscribe("user.bob.inbox"));
+        assert!(!ok.may_subscribe("user.eve.inbox"));
+        let sneaky = auth
+            .authenticate(&mint_hs256(SECRET, "*", &[], Duration::from_secs(60)))
+            .unwrap();
+        assert!(!sneaky.may_subscribe("user.eve.inbox"));
+    }
+
+    #[test]
+    fn none_and_garbage() {
+        let auth = authenticator(|_| {});
+        assert_eq!(auth.authenticate("").err(), Some(AuthError::Missing));
+        assert_eq!(auth.authenticate("abc").err(), Some(AuthError::Malformed));
+        let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ4IiwiZXhwIjo5OTk5OTk5OTk5fQ.";
+        assert_eq!(auth.authenticate(none).err(), Some(AuthError::AlgorithmNotAllowed));
+        let big = "a".repeat(9000);
+        assert_eq!(auth.authenticate(&big).err(), Some(AuthError::TooLarge));
+    }
+}

@@ -1,0 +1,43 @@
+//! Brokers carry published messages to every node that has subscribers.
+//!
+//! A broker delivers into the [`Hub`](crate::hub::Hub) by calling
+//! [`Hub::deliver`](crate::hub::Hub::deliver), which never blocks. The memory
+//! broker is the embedded default; the Redis brokers come with cross-node fan-out.
+
+pub mod memory;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+/// A boxed broker future: brokers are used as trait objects.
+pub type BrokerFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BrokerError>> + Send + 'a>>;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker cannot be reached now; the node retries by itself.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The interface between a node and whatever carries messages between nodes.
+pub trait Broker: Send + Sync + 'static {
+    /// Publishes `payload` on `channel` to every node.
+    ///
+    /// Guarantee: at most once. `Ok` means the broker accepted the message;
+    /// nodes subscribed at that moment receive it once, in publish order per
+    /// channel. A node that is disconnected from the broker misses it and tells
+    /// its clients with a `gap` frame after reconnecting.
+    fn publish<'a>(&'a self, channel: &'a str, payload: Bytes) -> BrokerFuture<'a, ()>;
+
+    /// Resolves when messages published on each of `channels` from now on reach
+    /// this node. The hub already lists the channels as wanted; this waits for
+    /// the broker to confirm. Cancel-safe: dropping it leaves the subscription
+    /// wanted.
+    fn ensure_subscribed<'a>(&'a self, channels: &'a [Arc<str>]) -> BrokerFuture<'a, ()>;
+
+    /// Whether the broker is connected, for `/readyz`.
+    fn is_ready(&self) -> bool;
+}

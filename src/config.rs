@@ -1,0 +1,542 @@
+//! Typed, documented, defaulted configuration.
+//!
+//! Layers, later ones winning: built-in defaults, then a TOML file, then
+//! environment variables `HERALD_<SECTION>__<KEY>` (for example
+//! `HERALD_AUTH__HMAC_SECRET`). This is the only module that reads the
+//! environment. Unknown keys are errors, and [`Config::load`] validates every
+//! value before anything binds a port; `docs/configuration.md` lists each key.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::channel::Pattern;
+
+/// The exit status for invalid configuration (`EX_CONFIG` is 78; `EX_USAGE`, 64,
+/// is what operators and the Helm chart expect from herald).
+pub const EXIT_INVALID_CONFIG: i32 = 64;
+
+/// The environment variable prefix.
+pub const ENV_PREFIX: &str = "HERALD";
+
+/// Keys whose environment value is a comma-separated list.
+const LIST_KEYS: &[&str] = &[
+    "auth.algorithms",
+    "auth.user_channels",
+    "server.allowed_origins",
+    "broker.cluster_urls",
+];
+
+/// Invalid configuration. The message names the key and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(#[from] config::ConfigError),
+    #[error("{key}: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+impl ConfigError {
+    pub fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// A secret string: never printed by `Debug` or serialized in clear.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The secret itself. Callers must not log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("<redacted>")
+    }
+}
+
+/// The whole configuration of a node.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Identity of this node in logs, metrics and the welcome frame.
+    pub node: NodeConfig,
+    /// The HTTP/WebSocket listener.
+    pub server: ServerConfig,
+    /// How client JWTs are verified.
+    pub auth: AuthConfig,
+    /// The HTTP publish API.
+    pub api: ApiConfig,
+    /// Where messages come from and go to.
+    pub broker: BrokerConfig,
+    /// WebSocket keepalive.
+    pub ping: PingConfig,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownConfig,
+    /// Bounds on everything a client can make the node hold or do.
+    pub limits: LimitsConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Delivery policies per channel pattern; the first matching rule wins.
+    pub channels: Vec<ChannelRule>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node id. Default: the `HOSTNAME` environment variable (the pod name on
+    /// Kubernetes), else `herald-` and 8 random hex digits.
+    pub id: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the one listener serving WebSockets, the API, health and metrics.
+    pub listen: SocketAddr,
+    /// How long a client may take to send the request headers.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// The largest request head (request line and headers) accepted, in bytes.
+    pub max_header_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Shared secret for HS256/384/512 tokens; at least 32 bytes.
+    pub hmac_secret: Option<Secret>,
+    /// PEM public key for RS*, PS*, ES256/384 or EdDSA tokens.
+    pub public_key_file: Option<PathBuf>,
+    /// Accepted signature algorithms. The token header never widens this list.
+    pub algorithms: Vec<String>,
+    /// When set, tokens must carry this `iss`.
+    pub issuer: Option<String>,
+    /// When set, tokens must carry this `aud`.
+    pub audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// The claim listing the channel patterns a token may subscribe to.
+    pub channels_claim: String,
+    /// Patterns every authenticated user may subscribe to; `{sub}` is replaced by
+    /// the token's subject, e.g. `user.{sub}.*`.
+    pub user_channels: Vec<String>,
+    /// Tokens longer than this are refused without being decoded.
+    pub max_token_bytes: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            hmac_secret: None,
+            public_key_file: None,
+            algorithms: vec!["HS256".to_owned()],
+            issuer: None,
+            audience: None,
+            leeway: Duration::from_secs(5),
+            channels_claim: "channels".to_owned(),
+            user_channels: Vec::new(),
+            max_token_bytes: 8 * 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Bearer key for `POST /api/publish`; at least 16 bytes. Unset disables the API.
+    pub key: Option<Secret>,
+}
+
+/// Which broker carries messages between publishers and nodes.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum BrokerKind {
+    /// In-process: one node, no Redis. The default, for development.
+    #[default]
+    Memory,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// `memory`.
+    pub kind: BrokerKind,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PingConfig {
+    /// How often the node sends a WebSocket Ping.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// How long after a Ping the client has to send anything before it is closed.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for PingConfig {
+    fn default() -> Self {
+        PingConfig {
+            interval: Duration::from_secs(25),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Deadline for the drain after SIGTERM/SIGINT.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Open WebSocket connections per node.
+    pub max_connections: usize,
+    /// Messages waiting in one connection's outbound queue.
+    pub queue_messages: usize,
+    /// Bytes waiting in one connection's outbound queue.
+    pub queue_bytes: usize,
+    /// The largest message a client may send (one frame, or a fragmented message in total).
+    pub max_message_bytes: usize,
+    /// The largest published payload; larger ones are refused (API) or dropped (broker).
+    pub max_publish_bytes: usize,
+    /// Channels one connection may subscribe to.
+    pub max_channels_per_connection: usize,
+    /// A socket write that makes no progress for this long closes the connection.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 20_000,
+            queue_messages: 1024,
+            queue_bytes: 1024 * 1024,
+            max_message_bytes: 64 * 1024,
+            max_publish_bytes: 64 * 1024,
+            max_channels_per_connection: 128,
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter such as `info` or `herald=debug`.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// What happens to a channel's messages when a connection cannot keep up.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowPolicy {
+    /// Close the connection with the slow-consumer code; the client reconnects and resyncs.
+    #[default]
+    Disconnect,
+    /// Drop the oldest queued messages of such channels to make room.
+    DropOldest,
+    /// Keep only the newest undelivered message of each channel.
+    Conflate,
+}
+
+/// A delivery rule: `[[channels]]` in the file.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelRule {
+    /// Channel pattern, `*` matching any run of characters.
+    pub pattern: String,
+    /// Slow-consumer policy for matching channels.
+    #[serde(default)]
+    pub policy: SlowPolicy,
+    /// At most this many deliveries per second per channel per connection; the newest wins.
+    #[serde(default)]
+    pub max_rate_hz: Option<f64>,
+}
+
+impl Config {
+    /// Loads defaults, then `file`, then the process environment, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(file, std::env::vars().collect())
+    }
+
+    /// Like [`Config::load`] with an explicit environment, for tests.
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let config = Self::read_with_env(file, env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads the layers without validating, for `herald dev`, which fills in
+    /// missing secrets before validating.
+    pub fn read(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::read_with_env(file, std::env::vars().collect())
+    }
+
+    fn read_with_env(
+        file: Option<&Path>,
+        env: HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::invalid(
+                    "--config",
+                    format!("file {} does not exist", file.display()),
+                ));
+            }
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        let hostname = env.get("HOSTNAME").cloned();
+        let env: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(key, _)| key.starts_with(&format!("{ENV_PREFIX}_")))
+            .collect();
+        let mut environment = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("_")
+            .separator("__")
+            .list_separator(",")
+            .try_parsing(true)
+            .source(Some(env));
+        for key in LIST_KEYS {
+            environment = environment.with_list_parse_key(key);
+        }
+        let mut config: Config = builder
+            .add_source(environment)
+            .build()?
+            .try_deserialize()?;
+        if config.node.id.is_none() {
+            config.node.id = Some(hostname.unwrap_or_else(|| format!("herald-{}", random_hex(4))));
+        }
+        Ok(config)
+    }
+
+    /// Checks every value that deserialization alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = |key: &str, value: Duration| {
+            if value.is_zero() {
+                Err(ConfigError::invalid(key, "must be greater than zero"))
+            } else {
+                Ok(())
+            }
+        };
+        positive("ping.interval", self.ping.interval)?;
+        positive("ping.timeout", self.ping.timeout)?;
+        positive("shutdown.timeout", self.shutdown.timeout)?;
+        positive("server.header_read_timeout", self.server.header_read_timeout)?;
+        positive("limits.write_timeout", self.limits.write_timeout)?;
+        let at_least = |key: &str, value: usize, min: usize| {
+            if value < min {
+                Err(ConfigError::invalid(key, format!("must be at least {min}")))
+            } else {
+                Ok(())
+            }
+        };
+        at_least("server.max_header_bytes", self.server.max_header_bytes, 8192)?;
+        at_least("auth.max_token_bytes", self.auth.max_token_bytes, 64)?;
+        at_least("limits.max_connections", self.limits.max_connections, 1)?;
+        at_least("limits.queue_messages", self.limits.queue_messages, 1)?;
+        at_least("limits.queue_bytes", self.limits.queue_bytes, 1024)?;
+        at_least("limits.max_message_bytes", self.limits.max_message_bytes, 1024)?;
+        at_least("limits.max_publish_bytes", self.limits.max_publish_bytes, 1)?;
+        at_least(
+            "limits.max_channels_per_connection",
+            self.limits.max_channels_per_connection,
+            1,
+        )?;
+        if let Some(id) = &self.node.id {
+            if id.is_empty() || id.len() > 64 || id.chars().any(|c| c.is_whitespace() || c == '"') {
+                return Err(ConfigError::invalid(
+                    "node.id",
+                    "must be 1 to 64 characters without whitespace or quotes",
+                ));
+            }
+        }
+        if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+            return Err(ConfigError::invalid("log.level", error.to_string()));
+        }
+        if self.auth.channels_claim.is_empty() {
+            return Err(ConfigError::invalid("auth.channels_claim", "must not be empty"));
+        }
+        if let Some(key) = &self.api.key {
+            if key.expose().len() < 16 {
+                return Err(ConfigError::invalid("api.key", "must be at least 16 bytes"));
+            }
+        }
+        for (index, rule) in self.channels.iter().enumerate() {
+            Pattern::parse(&rule.pattern).map_err(|e| {
+                ConfigError::invalid(format!("channels[{index}].pattern"), e.to_string())
+            })?;
+            if let Some(rate) = rule.max_rate_hz {
+                if !(rate.is_finite() && rate > 0.0) {
+                    return Err(ConfigError::invalid(
+                        format!("channels[{index}].max_rate_hz"),
+                        "must be a positive number",
+                    ));
+                }
+            }
+        }
+        // The keys themselves are parsed and checked by `auth::Authenticator`.
+        crate::auth::Authenticator::from_config(&self.auth)?;
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("configuration serializes to TOML")
+    }
+
+    /// The node id (always set once loaded).
+    pub fn node_id(&self) -> &str {
+        self.node.id.as_deref().unwrap_or("herald")
+    }
+}
+
+/// `bytes` random bytes as lowercase hex, from the OS generator.
+pub fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).expect("the OS random generator is available");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn environment_overrides_defaults() {
+        let config = Config::load_with_env(
+            None,
+            env(&[
+                ("HERALD_AUTH__HMAC_SECRET", SECRET),
+                ("HERALD_AUTH__ALGORITHMS", "HS256,HS512"),
+                ("HERALD_PING__INTERVAL", "3s"),
+                ("HERALD_LIMITS__QUEUE_MESSAGES", "7"),
+                ("HERALD_SERVER__LISTEN", "127.0.0.1:9000"),
+                ("HOSTNAME", "pod-1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.auth.hmac_secret.unwrap().expose(), SECRET);
+        assert_eq!(config.auth.algorithms, ["HS256", "HS512"]);
+        assert_eq!(config.ping.interval, Duration::from_secs(3));
+        assert_eq!(config.limits.queue_messages, 7);
+        assert_eq!(config.server.listen.port(), 9000);
+        assert_eq!(config.node.id.as_deref(), Some("pod-1"));
+    }
+
+    #[test]
+    fn unknown_environment_key_is_an_error() {
+        let err = Config::load_with_env(
+            None,
+            env(&[("HERALD_AUTH__HMAC_SECRET", SECRET), ("HERALD_PING__INTERVALL", "3s")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("intervall"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let config =
+            Config::load_with_env(None, env(&[("HERALD_AUTH__HMAC_SECRET", SECRET)])).unwrap();
+        let text = config.to_redacted_toml();
+        assert!(!text.contains(SECRET));
+        assert!(text.contains("<redacted>"));
+        assert!(!format!("{config:?}").contains(SECRET));
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let check = |pairs: &[(&str, &str)], key: &str| {
+            let mut all = vec![("HERALD_AUTH__HMAC_SECRET", SECRET)];
+            all.extend_from_slice(pairs);
+            let err = Config::load_with_env(None, env(&all)).unwrap_err().to_string();
+            assert!(err.contains(key), "expected {key} in {err}");
+        };
+        check(&[("HERALD_PING__INTERVAL", "0s")], "ping.interval");
+        check(&[("HERALD_PING__TIMEOUT", "soon")], "ping.timeout");
+        check(&[("HERALD_AUTH__HMAC_SECRET", "short")], "auth.hmac_secret");
+        check(&[("HERALD_AUTH__ALGORITHMS", "none")], "auth.algorithms");
+        check(&[("HERALD_API__KEY", "x")], "api.key");
+        check(&[("HERALD_LIMITS__QUEUE_MESSAGES", "0")], "limits.queue_messages");
+        check(&[("HERALD_SERVER__LISTEN", "nowhere")], "server.listen");
+    }
+}

@@ -1,0 +1,551 @@
+//! One WebSocket session: a reader and a writer around a bounded [`Outbox`].
+//!
+//! fastwebsockets' `read_frame` is not cancel-safe, so it never sits in a
+//! `select!` that could resume it: the reader runs on its own and only ever
+//! pushes into the outbox. The writer task owns the socket's write half, the
+//! ping timer, the token expiry and the drain; it is the only place that
+//! writes, and every frame pending when it wakes goes out in one write.
+//!
+//! Per-connection memory, idle and subscribed: the outbox (~250 bytes, its
+//! queue freed when drained), the session's channel map, the two task futures
+//! and fastwebsockets' 8 KiB read buffer (see ARCHITECTURE.md).
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, Role, WebSocketError, WebSocketRead};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info_span};
+
+use crate::Node;
+use crate::auth::Principal;
+use crate::channel;
+use crate::hub::ConnectionId;
+use crate::outbox::{ChannelKey, Closing, Outbox, QueueLimits};
+use crate::protocol::{
+    self, ChannelError, CloseCode, ErrorCode, Opcode, ReplyError, Request, RequestId, ServerFrame,
+};
+
+/// How long the node waits for the client's answer to its close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The most bytes of queued frames the writer puts in one write.
+const MAX_BATCH_BYTES: usize = 64 * 1024;
+
+/// A write buffer larger than this is freed after use rather than kept.
+const KEPT_WRITE_BUFFER: usize = 1024;
+
+/// Runs a session on an upgraded connection until it closes.
+pub(crate) async fn serve(
+    node: Node,
+    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    principal: Principal,
+    peer: SocketAddr,
+) {
+    let id = node.next_connection_id();
+    let span = info_span!("conn", node = %node.id, conn = id, user = %principal.user, %peer);
+    async move {
+        let upgraded = match upgrade.await {
+            Ok(ws) => ws.into_inner().into_inner(),
+            Err(error) => {
+                debug!(%error, "upgrade failed");
+                return;
+            }
+        };
+        match split(upgraded) {
+            Split::Tcp(reader, writer) => run(node, id, principal, reader, writer).await,
+            Split::Other(reader, writer) => run(node, id, principal, reader, writer).await,
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+enum Split {
+    /// The plain TCP case: owned halves, no lock between reader and writer.
+    Tcp(
+        tokio::io::Chain<std::io::Cursor<Bytes>, tokio::net::tcp::OwnedReadHalf>,
+        tokio::net::tcp::OwnedWriteHalf,
+    ),
+    /// Any other transport (TLS later): a locked split.
+    Other(
+        tokio::io::ReadHalf<TokioIo<Upgraded>>,
+        tokio::io::WriteHalf<TokioIo<Upgraded>>,
+    ),
+}
+
+fn split(upgraded: Upgraded) -> Split {
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            let (read, write) = parts.io.into_inner().into_split();
+            // Bytes the client sent right behind its handshake come first.
+            Split::Tcp(std::io::Cursor::new(parts.read_buf).chain(read), write)
+        }
+        Err(upgraded) => {
+            let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+            Split::Other(read, write)
+        }
+    }
+}
+
+async fn run<R, W>(node: Node, id: ConnectionId, principal: Principal, reader: R, writer: W)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &node.config.limits;
+    let outbox = Arc::new(Outbox::new(
+        QueueLimits {
+            messages: limits.queue_messages,
+            bytes: limits.queue_bytes,
+        },
+        principal.expires_at,
+        node.metrics.clone(),
+    ));
+    outbox.push_reply(
+        ServerFrame::Welcome {
+            connection_id: id,
+            node_id: &node.id,
+            user: &principal.user,
+            protocol: protocol::SUBPROTOCOL,
+            ping_interval_ms: node.config.ping.interval.as_millis() as u64,
+            expires_at: principal.expires_at,
+        }
+        .encode(),
+    );
+    node.metrics.connection_opened();
+
+    let settings = WriterSettings {
+        ping_interval: node.config.ping.interval,
+        ping_timeout: node.config.ping.timeout,
+        write_timeout: limits.write_timeout,
+    };
+    let mut writer_task = tokio::spawn(
+        write_loop(writer, outbox.clone(), settings, node.shutdown.clone(), node.clone())
+            .instrument(tracing::Span::current()),
+    );
+
+    let (mut ws, _) = fastwebsockets::after_handshake_split(reader, tokio::io::sink(), Role::Server);
+    ws.set_max_message_size(limits.max_message_bytes);
+    let mut session = Session {
+        node: node.clone(),
+        id,
+        principal,
+        outbox: outbox.clone(),
+        channels: HashMap::new(),
+    };
+
+    let reason = {
+        let reader = read_loop(&mut ws, &mut session);
+        tokio::pin!(reader);
+        tokio::select! {
+            exit = &mut reader => {
+                let (code, reason) = match exit {
+                    ReaderExit::ClientClosed => (CloseCode::Normal, "client_closed"),
+                    ReaderExit::Lost => (CloseCode::Normal, "connection_lost"),
+                    ReaderExit::Violation(code) => (code, code.reason()),
+                };
+                outbox.close(code);
+                let _ = tokio::time::timeout(settings.write_timeout + CLOSE_GRACE, &mut writer_task).await;
+                writer_task.abort();
+                reason
+            }
+            result = &mut writer_task => {
+                // The node closed; let the client answer the close frame.
+                let _ = tokio::time::timeout(CLOSE_GRACE, &mut reader).await;
+                result.unwrap_or("internal_error")
+            }
+        }
+    };
+    drop(session);
+    debug!(reason, "closed");
+    node.metrics.connection_closed(reason);
+}
+
+/// Why the reader stopped.
+enum ReaderExit {
+    /// The client sent a close frame (already echoed through the outbox).
+    ClientClosed,
+    /// The socket ended or failed without a close frame.
+    Lost,
+    /// The client broke a rule; close with this code.
+    Violation(CloseCode),
+}
+
+async fn read_loop<R>(ws: &mut WebSocketRead<R>, session: &mut Session) -> ReaderExit
+where
+    R: AsyncRead + Unpin,
+{
+    let outbox = session.outbox.clone();
+    let max_message = session.node.config.limits.max_message_bytes;
+    // A fragmented message being assembled: its opcode and bytes so far.
+    let mut fragments: Option<(OpCode, Vec<u8>)> = None;
+    // The automatic pong and close replies go to the writer, never to the socket.
+    let mut obligated = |frame: Frame<'_>| {
+        match frame.opcode {
+            OpCode::Pong => outbox.pong(Bytes::copy_from_slice(&frame.payload)),
+            OpCode::Close => outbox.echo_close(Bytes::copy_from_slice(&frame.payload)),
+            _ => {}
+        }
+        std::future::ready(Ok::<(), Infallible>(()))
+    };
+    loop {
+        let frame = match ws.read_frame(&mut obligated).await {
+            Ok(frame) => frame,
+            Err(error) => return reader_error(error),
+        };
+        session.outbox.touch();
+        match frame.opcode {
+            OpCode::Close => return ReaderExit::ClientClosed,
+            OpCode::Ping | OpCode::Pong => {}
+            OpCode::Text | OpCode::Binary => {
+                if fragments.is_some() {
+                    return ReaderExit::Violation(CloseCode::ProtocolError);
+                }
+                if frame.fin {
+                    session.on_message(frame.opcode, &frame.payload).await;
+                } else {
+                    fragments = Some((frame.opcode, frame.payload.to_vec()));
+                }
+            }
+            OpCode::Continuation => {
+                let Some((opcode, buffer)) = fragments.as_mut() else {
+                    return ReaderExit::Violation(CloseCode::ProtocolError);
+                };
+                if buffer.len() + frame.payload.len() > max_message {
+                    return ReaderExit::Violation(CloseCode::MessageTooBig);
+                }
+                buffer.extend_from_slice(&frame.payload);
+                if frame.fin {
+                    let opcode = *opcode;
+                    let (_, message) = fragments.take().expect("checked above");
+                    if opcode == OpCode::Text && std::str::from_utf8(&message).is_err() {
+                        return ReaderExit::Violation(CloseCode::InvalidPayload);
+                    }
+                    session.on_message(opcode, &message).await;
+                }
+            }
+        }
+    }
+}
+
+fn reader_error(error: WebSocketError) -> ReaderExit {
+    match error {
+        WebSocketError::UnexpectedEOF | WebSocketError::IoError(_) | WebSocketError::ConnectionClosed => {
+            ReaderExit::Lost
+        }
+        WebSocketError::FrameTooLarge => ReaderExit::Violation(CloseCode::MessageTooBig),
+        WebSocketError::InvalidUTF8 => ReaderExit::Violation(CloseCode::InvalidPayload),
+        _ => ReaderExit::Violation(CloseCode::ProtocolError),
+    }
+}
+
+/// The reader's state: who the client is and what it subscribes to. Dropping
+/// it removes every subscription from the hub.
+struct Session {
+    node: Node,
+    id: ConnectionId,
+    principal: Principal,
+    outbox: Arc<Outbox>,
+    /// Subscribed channels, sharing the hub's copy of each name.
+    channels: HashMap<Arc<str>, ChannelKey>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for channel in self.channels.keys() {
+            self.node.hub.unsubscribe(self.id, channel);
+        }
+    }
+}
+
+impl Session {
+    async fn on_message(&mut self, opcode: OpCode, payload: &[u8]) {
+        if opcode == OpCode::Binary {
+            self.send_error(None, ErrorCode::UnsupportedFrame, "protocol v1 uses text frames only");
+            return;
+        }
+        match protocol::parse_request(payload) {
+            Ok(request) => self.handle(request).await,
+            Err(error) => self.send_error(error.id, error.code, &error.message),
+        }
+    }
+
+    fn send_error(&self, id: Option<RequestId>, code: ErrorCode, message: &str) {
+        self.node.metrics.client_error(code);
+        self.outbox.push_reply(ServerFrame::Error { id, code, message }.encode());
+    }
+
+    async fn handle(&mut self, request: Request) {
+        match request {
+            Request::Subscribe { id, channels } => self.subscribe(id, channels).await,
+            Request::Unsubscribe { id, channels } => self.unsubscribe(id, channels),
+            Request::Ping { id } => self.outbox.push_reply(ServerFrame::Pong { id }.encode()),
+            Request::Refresh { id, token } => self.refresh(id, &token),
+        }
+    }
+
+    async fn subscribe(&mut self, id: Option<RequestId>, requested: Vec<String>) {
+        let max_channels = self.node.config.limits.max_channels_per_connection;
+        let mut subscribed = Vec::new();
+        let mut errors = Vec::new();
+        let mut added: Vec<Arc<str>> = Vec::new();
+        let mut seen = HashSet::new();
+        for name in requested {
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            let refusal = if let Err(error) = channel::validate_name(&name) {
+                Some((ErrorCode::InvalidChannel, error.to_string()))
+            } else if !self.principal.may_subscribe(&name) {
+                Some((ErrorCode::Forbidden, "the token does not grant this channel".to_owned()))
+            } else if self.channels.contains_key(name.as_str()) {
+                None
+            } else if self.channels.len() >= max_channels {
+                Some((
+                    ErrorCode::LimitExceeded,
+                    format!("at most {max_channels} channels per connection"),
+                ))
+            } else {
+                let sub = self.node.hub.subscribe(self.id, &self.outbox, &name);
+                self.channels.insert(sub.channel.clone(), sub.key);
+                added.push(sub.channel);
+                None
+            };
+            match refusal {
+                Some((code, message)) => errors.push(ChannelError { channel: name, code, message }),
+                None => subscribed.push(name),
+            }
+        }
+        if !added.is_empty() {
+            if let Err(error) = self.node.broker.ensure_subscribed(&added).await {
+                for channel in &added {
+                    self.leave(channel);
+                    subscribed.retain(|name| name.as_str() != &**channel);
+                    errors.push(ChannelError {
+                        channel: channel.to_string(),
+                        code: ErrorCode::BrokerUnavailable,
+                        message: error.to_string(),
+                    });
+                }
+            }
+        }
+        for error in &errors {
+            self.node.metrics.client_error(error.code);
+        }
+        self.outbox.push_reply(
+            ServerFrame::Reply {
+                id,
+                channels: Some(&subscribed),
+                errors: Some(&errors),
+                revoked: None,
+                expires_at: None,
+                error: None,
+            }
+            .encode(),
+        );
+    }
+
+    fn leave(&mut self, channel: &str) -> bool {
+        match self.channels.remove(channel) {
+            Some(key) => {
+                self.node.hub.unsubscribe(self.id, channel);
+                self.outbox.forget(key);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn unsubscribe(&mut self, id: Option<RequestId>, requested: Vec<String>) {
+        for name in &requested {
+            self.leave(name);
+        }
+        self.outbox.push_reply(
+            ServerFrame::Reply {
+                id,
+                channels: Some(&requested),
+                errors: None,
+                revoked: None,
+                expires_at: None,
+                error: None,
+            }
+            .encode(),
+        );
+    }
+
+    fn refresh(&mut self, id: Option<RequestId>, token: &str) {
+        match self.node.auth.refresh(&self.principal, token) {
+            Ok(principal) => {
+                self.outbox.set_expires_at(principal.expires_at);
+                self.principal = principal;
+                // A narrower token takes effect at once.
+                let revoked: Vec<String> = self
+                    .channels
+                    .keys()
+                    .filter(|channel| !self.principal.may_subscribe(channel))
+                    .map(|channel| channel.to_string())
+                    .collect();
+                for channel in &revoked {
+                    self.leave(channel);
+                }
+                self.outbox.push_reply(
+                    ServerFrame::Reply {
+                        id,
+                        channels: None,
+                        errors: None,
+                        revoked: Some(&revoked),
+                        expires_at: Some(self.principal.expires_at),
+                        error: None,
+                    }
+                    .encode(),
+                );
+            }
+            Err(error) => {
+                self.node.metrics.auth_failed(&error);
+                self.node.metrics.client_error(ErrorCode::InvalidToken);
+                self.outbox.push_reply(
+                    ServerFrame::Reply {
+                        id,
+                        channels: None,
+                        errors: None,
+                        revoked: None,
+                        expires_at: None,
+                        error: Some(ReplyError {
+                            code: ErrorCode::InvalidToken,
+                            message: format!("{} ({})", error, error.code()),
+                        }),
+                    }
+                    .encode(),
+                );
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct WriterSettings {
+    ping_interval: Duration,
+    ping_timeout: Duration,
+    write_timeout: Duration,
+}
+
+/// Writes everything the connection sends. Returns the close reason.
+async fn write_loop<W>(
+    mut io: W,
+    outbox: Arc<Outbox>,
+    settings: WriterSettings,
+    shutdown: CancellationToken,
+    node: Node,
+) -> &'static str
+where
+    W: AsyncWrite + Unpin,
+{
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    let mut shutting_down = false;
+    let mut frames: Vec<Bytes> = Vec::new();
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut next_ping = Instant::now() + settings.ping_interval;
+    // When the outstanding ping was sent, and when its answer is due.
+    let mut awaiting_pong: Option<(Instant, Instant)> = None;
+    let timer = tokio::time::sleep_until(next_ping);
+    tokio::pin!(timer);
+
+    loop {
+        let now = Instant::now();
+        if now >= next_ping {
+            protocol::write_frame(&mut buffer, Opcode::Ping, b"");
+            if awaiting_pong.is_none() {
+                awaiting_pong = Some((now, now + settings.ping_timeout));
+            }
+            next_ping = now + settings.ping_interval;
+        }
+        if let Some((sent, due)) = awaiting_pong {
+            if outbox.last_activity() >= sent {
+                awaiting_pong = None;
+            } else if now >= due {
+                outbox.close(CloseCode::PingTimeout);
+            }
+        }
+        let expiry = unix_to_instant(outbox.expires_at(), now);
+        if now >= expiry {
+            outbox.close(CloseCode::TokenExpired);
+        }
+        let rate_due = outbox.release_due(now);
+
+        let drained = outbox.drain(&mut frames, MAX_BATCH_BYTES);
+        if let Some(payload) = &drained.pong {
+            protocol::write_frame(&mut buffer, Opcode::Pong, payload);
+        }
+        for frame in frames.drain(..) {
+            protocol::write_frame(&mut buffer, Opcode::Text, &frame);
+        }
+        let reason = drained.closing.as_ref().map(|closing| match closing {
+            Closing::Code(code) => {
+                protocol::write_frame(&mut buffer, Opcode::Close, &protocol::close_payload(*code));
+                code.reason()
+            }
+            Closing::Echo(payload) => {
+                protocol::write_frame(&mut buffer, Opcode::Close, payload);
+                "client_closed"
+            }
+        });
+        if !buffer.is_empty() {
+            match tokio::time::timeout(settings.write_timeout, io.write_all(&buffer)).await {
+                Ok(Ok(())) => node.metrics.frames_delivered(drained.messages),
+                Ok(Err(_)) => return "connection_lost",
+                Err(_) => return CloseCode::SlowConsumer.reason(),
+            }
+            buffer.clear();
+            if buffer.capacity() > KEPT_WRITE_BUFFER {
+                buffer = Vec::new();
+            }
+        }
+        if let Some(reason) = reason {
+            let _ = tokio::time::timeout(CLOSE_GRACE, io.shutdown()).await;
+            return reason;
+        }
+        if outbox.has_pending() {
+            continue;
+        }
+
+        let mut deadline = next_ping.min(expiry);
+        if let Some((_, due)) = awaiting_pong {
+            deadline = deadline.min(due);
+        }
+        if let Some(due) = rate_due {
+            deadline = deadline.min(due);
+        }
+        timer.as_mut().reset(deadline);
+        tokio::select! {
+            biased;
+            _ = &mut cancelled, if !shutting_down => {
+                shutting_down = true;
+                outbox.close(CloseCode::GoingAway);
+            }
+            _ = outbox.changed() => {}
+            _ = &mut timer => {}
+        }
+    }
+}
+
+/// Converts a Unix time in seconds into a deadline on the tokio clock.
+fn unix_to_instant(unix_secs: u64, now: Instant) -> Instant {
+    let now_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let left = Duration::from_secs(unix_secs).saturating_sub(now_unix);
+    // Far enough to never fire, near enough not to overflow.
+    now.checked_add(left.min(Duration::from_secs(86_400 * 365)))
+        .unwrap_or(now)
+}

@@ -1,0 +1,289 @@
+//! The hub: which local connections subscribe to which channel, and fan-out.
+//!
+//! The map is sharded by channel name so that subscribes on different channels
+//! and deliveries rarely meet on one lock. Each shard is a `std::sync::RwLock`:
+//! deliveries take it shared and only push into outboxes (never block, never
+//! `.await`); subscribe and unsubscribe take it exclusively for a map update.
+//!
+//! A delivery is encoded into its frame once, then every subscriber's outbox
+//! gets a reference to the same [`Bytes`].
+//!
+//! When a channel gains its first local subscriber or loses its last one, the
+//! hub marks it "dirty" for the broker (when the broker subscribes upstream, as
+//! Redis does). The broker reads the hub's current state for each dirty channel,
+//! so it converges on the truth whatever order the changes raced in.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::channel::Pattern;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::outbox::{ChannelKey, DeliveryPolicy, Outbox};
+use crate::protocol;
+
+/// A connection's id, unique within a node.
+pub type ConnectionId = u64;
+
+const SHARDS: usize = 64;
+
+/// A cheap-to-clone handle to the node's hub.
+#[derive(Clone)]
+pub struct Hub {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    shards: Box<[RwLock<HashMap<Arc<str>, ChannelEntry>>]>,
+    /// Picks a shard for a channel name.
+    hasher: std::collections::hash_map::RandomState,
+    /// `[[channels]]` rules, first match wins.
+    rules: Vec<(Pattern, DeliveryPolicy)>,
+    /// Source of [`ChannelKey`]s; a recreated channel gets a new key.
+    next_key: AtomicU64,
+    /// Present when the broker subscribes upstream per channel.
+    interest: Option<Interest>,
+    /// Payloads larger than this are dropped, not delivered.
+    max_publish_bytes: usize,
+    metrics: Metrics,
+}
+
+struct ChannelEntry {
+    key: ChannelKey,
+    policy: DeliveryPolicy,
+    subscribers: HashMap<ConnectionId, Arc<Outbox>>,
+}
+
+/// Channels whose local interest changed since the broker last looked.
+struct Interest {
+    /// Bounded by the number of distinct channels with local subscribers or
+    /// recently without: each name appears once.
+    dirty: Mutex<HashSet<Arc<str>>>,
+    notify: Notify,
+}
+
+/// The result of [`Hub::subscribe`].
+pub struct Subscribed {
+    /// The hub's shared copy of the channel name.
+    pub channel: Arc<str>,
+    pub key: ChannelKey,
+}
+
+impl Hub {
+    /// A hub for `config`. `track_interest` is true when the broker needs to be
+    /// told about first and last subscribers.
+    pub fn new(config: &Config, metrics: Metrics, track_interest: bool) -> Hub {
+        let rules = config
+            .channels
+            .iter()
+            .map(|rule| {
+                let pattern = Pattern::parse(&rule.pattern).expect("validated with the config");
+                let policy = DeliveryPolicy {
+                    slow: rule.policy,
+                    min_interval: rule.max_rate_hz.map(|hz| Duration::from_secs_f64(1.0 / hz)),
+                };
+                (pattern, policy)
+            })
+            .collect();
+        Hub {
+            shared: Arc::new(Shared {
+                shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+                hasher: Default::default(),
+                rules,
+                next_key: AtomicU64::new(1),
+                interest: track_interest.then(|| Interest {
+                    dirty: Mutex::new(HashSet::new()),
+                    notify: Notify::new(),
+                }),
+                max_publish_bytes: config.limits.max_publish_bytes,
+                metrics,
+            }),
+        }
+    }
+
+    fn shard(&self, channel: &str) -> &RwLock<HashMap<Arc<str>, ChannelEntry>> {
+        let index = self.shared.hasher.hash_one(channel) as usize % SHARDS;
+        &self.shared.shards[index]
+    }
+
+    /// The delivery policy `[[channels]]` gives `channel`.
+    pub fn policy_for(&self, channel: &str) -> DeliveryPolicy {
+        self.shared
+            .rules
+            .iter()
+            .find(|(pattern, _)| pattern.matches(channel))
+            .map(|(_, policy)| *policy)
+            .unwrap_or_default()
+    }
+
+    /// Adds a subscriber. Idempotent per connection and channel.
+    pub fn subscribe(&self, connection: ConnectionId, outbox: &Arc<Outbox>, channel: &str) -> Subscribed {
+        let mut shard = write(self.shard(channel));
+        let (name, entry) = match shard.get_key_value(channel) {
+            Some((name, _)) => {
+                let name = name.clone();
+                let entry = shard.get_mut(channel).expect("just found");
+                (name, entry)
+            }
+            None => {
+                let name: Arc<str> = channel.into();
+                let entry = ChannelEntry {
+                    key: self.shared.next_key.fetch_add(1, Ordering::Relaxed),
+                    policy: self.policy_for(channel),
+                    subscribers: HashMap::new(),
+                };
+                self.shared.metrics.channels_changed(1);
+                self.mark_dirty(&name);
+                let entry = shard.entry(name.clone()).or_insert(entry);
+                (name, entry)
+            }
+        };
+        if entry.subscribers.insert(connection, outbox.clone()).is_none() {
+            self.shared.metrics.subscriptions_changed(1);
+        }
+        Subscribed {
+            channel: name,
+            key: entry.key,
+        }
+    }
+
+    /// Removes a subscriber; the channel goes when its last subscriber does.
+    pub fn unsubscribe(&self, connection: ConnectionId, channel: &str) {
+        let mut shard = write(self.shard(channel));
+        let Some(entry) = shard.get_mut(channel) else {
+            return;
+        };
+        if entry.subscribers.remove(&connection).is_some() {
+            self.shared.metrics.subscriptions_changed(-1);
+        }
+        if entry.subscribers.is_empty() {
+            if let Some((name, _)) = shard.remove_entry(channel) {
+                self.shared.metrics.channels_changed(-1);
+                self.mark_dirty(&name);
+            }
+        }
+    }
+
+    /// Fans a published payload out to the local subscribers of `channel`.
+    /// Encodes once, never waits on a connection. Returns the subscriber count.
+    pub fn deliver(&self, channel: &str, payload: &[u8]) -> usize {
+        self.shared.metrics.message_received();
+        let shard = read(self.shard(channel));
+        let Some(entry) = shard.get(channel) else {
+            return 0;
+        };
+        if payload.len() > self.shared.max_publish_bytes {
+            self.shared
+                .metrics
+                .message_dropped("too_large", Some(entry.policy.slow));
+            return 0;
+        }
+        let frame: Bytes = protocol::encode_message(channel, payload);
+        for outbox in entry.subscribers.values() {
+            outbox.push_message(&frame, entry.key, &entry.policy);
+        }
+        entry.subscribers.len()
+    }
+
+    /// Whether any local connection subscribes to `channel`.
+    pub fn has_subscribers(&self, channel: &str) -> bool {
+        read(self.shard(channel)).contains_key(channel)
+    }
+
+    /// Every channel with a local subscriber.
+    pub fn channels(&self) -> Vec<Arc<str>> {
+        self.shared
+            .shards
+            .iter()
+            .flat_map(|shard| read(shard).keys().cloned().collect::<Vec<_>>())
+            .collect()
+    }
+
+    fn mark_dirty(&self, channel: &Arc<str>) {
+        if let Some(interest) = &self.shared.interest {
+            let mut dirty = interest.dirty.lock().unwrap_or_else(|p| p.into_inner());
+            dirty.insert(channel.clone());
+            drop(dirty);
+            interest.notify.notify_one();
+        }
+    }
+
+    /// Takes the channels whose interest changed. Empty unless built with
+    /// `track_interest`.
+    pub fn take_dirty(&self) -> Vec<Arc<str>> {
+        match &self.shared.interest {
+            Some(interest) => {
+                let mut dirty = interest.dirty.lock().unwrap_or_else(|p| p.into_inner());
+                dirty.drain().collect()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Waits until some channel's interest changes. Cancel-safe.
+    pub async fn interest_changed(&self) {
+        match &self.shared.interest {
+            Some(interest) => interest.notify.notified().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+// The maps stay consistent across a panic (each update is one insert or
+// remove), so a poisoned lock is still used.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::QueueLimits;
+
+    fn outbox() -> Arc<Outbox> {
+        Arc::new(Outbox::new(
+            QueueLimits { messages: 16, bytes: 1 << 20 },
+            u64::MAX,
+            Metrics::new("test"),
+        ))
+    }
+
+    #[test]
+    fn first_and_last_subscriber_mark_the_channel_dirty() {
+        let hub = Hub::new(&Config::default(), Metrics::new("test"), true);
+        let (a, b) = (outbox(), outbox());
+        hub.subscribe(1, &a, "news");
+        hub.subscribe(2, &b, "news");
+        assert_eq!(hub.take_dirty(), vec![Arc::<str>::from("news")]);
+        hub.unsubscribe(1, "news");
+        assert!(hub.take_dirty().is_empty());
+        assert!(hub.has_subscribers("news"));
+        hub.unsubscribe(2, "news");
+        assert_eq!(hub.take_dirty(), vec![Arc::<str>::from("news")]);
+        assert!(!hub.has_subscribers("news"));
+    }
+
+    #[test]
+    fn delivery_shares_one_encoded_frame() {
+        let hub = Hub::new(&Config::default(), Metrics::new("test"), false);
+        let (a, b) = (outbox(), outbox());
+        hub.subscribe(1, &a, "news");
+        hub.subscribe(2, &b, "news");
+        assert_eq!(hub.deliver("news", b"{\"x\":1}"), 2);
+        assert_eq!(hub.deliver("other", b"1"), 0);
+        let (mut fa, mut fb) = (Vec::new(), Vec::new());
+        a.drain(&mut fa, usize::MAX);
+        b.drain(&mut fb, usize::MAX);
+        assert_eq!(fa[0].as_ptr(), fb[0].as_ptr(), "one allocation shared by both");
+    }
+}

@@ -1,0 +1,131 @@
+//! herald: a horizontally scalable pub/sub push gateway.
+//!
+//! Backends publish to channels (through a broker or `POST /api/publish`);
+//! WebSocket clients authenticated by JWT subscribe and receive every message.
+//!
+//! A tour of the crate, outside in:
+//! - [`config`]: typed, defaulted, validated configuration; the only reader of the environment.
+//! - [`server`]: the accept loop and HTTP routes; auth and admission before any upgrade.
+//! - [`auth`]: JWT to [`auth::Principal`]; pure.
+//! - [`connection`]: one WebSocket session, a reader and a writer around an [`outbox::Outbox`].
+//! - [`outbox`]: the bounded per-connection queue and its slow-consumer policies.
+//! - [`hub`]: channel to local subscribers; encodes each message once; drives broker interest.
+//! - [`broker`]: the [`broker::Broker`] trait and its implementations.
+//! - [`protocol`]: client requests, server frames, close and error codes; pure.
+//! - [`channel`]: channel names and glob patterns; pure.
+//! - [`metrics`]: the only module that touches prometheus.
+//! - [`shutdown`]: signals and the drain.
+//!
+//! [`run`] takes a bound listener, a configuration and a shutdown future, so
+//! tests start nodes on `127.0.0.1:0` and stop them at will.
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod broker;
+pub mod channel;
+pub mod config;
+mod connection;
+mod http;
+pub mod hub;
+pub mod metrics;
+pub mod outbox;
+pub mod protocol;
+mod server;
+pub mod shutdown;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+use crate::auth::Authenticator;
+use crate::broker::Broker;
+use crate::broker::memory::MemoryBroker;
+use crate::config::{BrokerKind, Config, ConfigError};
+use crate::hub::{ConnectionId, Hub};
+use crate::metrics::Metrics;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("broker: {0}")]
+    Broker(String),
+}
+
+/// A running node's shared state; cheap to clone.
+pub(crate) type Node = Arc<NodeState>;
+
+pub(crate) struct NodeState {
+    /// `node.id`, in logs, metrics and welcome frames.
+    id: Arc<str>,
+    config: Config,
+    auth: Authenticator,
+    hub: Hub,
+    broker: Arc<dyn Broker>,
+    metrics: Metrics,
+    /// Set when the drain starts: `/readyz` fails and upgrades are refused.
+    draining: AtomicBool,
+    next_connection_id: AtomicU64,
+    /// One permit per open WebSocket (`limits.max_connections`).
+    connection_slots: Arc<Semaphore>,
+    /// Cancelled when the drain starts.
+    shutdown: CancellationToken,
+    /// Every HTTP connection and WebSocket session, for the drain.
+    tracker: TaskTracker,
+}
+
+impl NodeState {
+    fn next_connection_id(&self) -> ConnectionId {
+        self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+async fn start(config: Config) -> Result<Node, StartError> {
+    let id: Arc<str> = config.node_id().into();
+    let auth = Authenticator::from_config(&config.auth)?;
+    let metrics = Metrics::new(&id);
+    let (hub, broker): (Hub, Arc<dyn Broker>) = match config.broker.kind {
+        BrokerKind::Memory => {
+            let hub = Hub::new(&config, metrics.clone(), false);
+            (hub.clone(), Arc::new(MemoryBroker::new(hub)))
+        }
+    };
+    Ok(Arc::new(NodeState {
+        id,
+        auth,
+        hub,
+        broker,
+        metrics,
+        draining: AtomicBool::new(false),
+        next_connection_id: AtomicU64::new(1),
+        connection_slots: Arc::new(Semaphore::new(config.limits.max_connections)),
+        shutdown: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+        config,
+    }))
+}
+
+/// Runs a node on `listener` until `shutdown` resolves, then drains within
+/// `shutdown.timeout` and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let node = start(config).await?;
+    let address = listener.local_addr().ok();
+    let accept = tokio::spawn(server::accept_loop(listener, node.clone()));
+    info!(node = %node.id, ?address, broker = ?node.config.broker.kind, "herald is listening");
+    shutdown.await;
+    shutdown::drain(&node, node.config.shutdown.timeout).await;
+    accept.abort();
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! The `herald` binary: parse the command line, load and validate the
+//! configuration, set up logging, and hand over to [`herald::run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use herald::config::{Config, ConfigError, EXIT_INVALID_CONFIG, LogFormat, Secret, random_hex};
+
+#[derive(Parser)]
+#[command(name = "herald", version, about = "A pub/sub push gateway: JWT-authenticated WebSockets fed from Redis channels")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Serve {
+        /// TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run a single development node on the in-memory broker, with generated
+    /// secrets and ready-to-paste examples.
+    Dev {
+        /// TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Mint an HS256 client token with the configured `auth.hmac_secret`.
+    Token {
+        /// The token's subject (user id).
+        #[arg(long)]
+        sub: String,
+        /// Comma-separated channel patterns the token grants, e.g. 'prices.*,news'.
+        #[arg(long, default_value = "")]
+        channels: String,
+        /// Lifetime, e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Print the effective configuration with secrets redacted; exit 64 if invalid.
+    CheckConfig {
+        /// TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => match Config::load(config.as_deref()) {
+            Ok(config) => serve(config, None),
+            Err(error) => invalid(error),
+        },
+        Command::Dev { config } => match dev_config(config) {
+            Ok((config, banner)) => serve(config, Some(banner)),
+            Err(error) => invalid(error),
+        },
+        Command::Token {
+            sub,
+            channels,
+            ttl,
+            config,
+        } => match Config::load(config.as_deref()) {
+            Ok(config) => {
+                let Some(secret) = config.auth.hmac_secret else {
+                    return invalid(ConfigError::invalid("auth.hmac_secret", "is required to mint tokens"));
+                };
+                let channels: Vec<String> = channels
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                println!("{}", herald::auth::mint_hs256(secret.expose(), &sub, &channels, ttl));
+                ExitCode::SUCCESS
+            }
+            Err(error) => invalid(error),
+        },
+        Command::CheckConfig { config } => match Config::load(config.as_deref()) {
+            Ok(config) => {
+                print!("{}", config.to_redacted_toml());
+                ExitCode::SUCCESS
+            }
+            Err(error) => invalid(error),
+        },
+    }
+}
+
+fn invalid(error: ConfigError) -> ExitCode {
+    eprintln!("herald: invalid configuration: {error}");
+    ExitCode::from(EXIT_INVALID_CONFIG as u8)
+}
+
+/// `herald dev`: the configuration with generated secrets, and the banner.
+fn dev_config(file: Option<PathBuf>) -> Result<(Config, String), ConfigError> {
+    let mut config = Config::read(file.as_deref())?;
+    let secret = config
+        .auth
+        .hmac_secret
+        .get_or_insert_with(|| Secret::new(random_hex(32)))
+        .clone();
+    let api_key = config
+        .api
+        .key
+        .get_or_insert_with(|| Secret::new(random_hex(16)))
+        .clone();
+    config.validate()?;
+    let mut address = config.server.listen;
+    if address.ip().is_unspecified() {
+        address.set_ip([127, 0, 0, 1].into());
+    }
+    let token = herald::auth::mint_hs256(secret.expose(), "dev-user", &["*".to_owned()], Duration::from_secs(86_400));
+    let banner = format!(
+        r#"
+herald dev node on http://{address} (in-memory broker)
+
+A client token for user "dev-user", granting every channel, valid 24h:
+
+  {token}
+
+1. Open any page's browser console (e.g. about:blank) and paste:
+
+  const ws = new WebSocket("ws://{address}/ws?token={token}");
+  ws.onmessage = (e) => console.log(JSON.parse(e.data));
+  ws.onopen = () => ws.send(JSON.stringify({{op: "subscribe", id: 1, channels: ["news"]}}));
+
+2. Publish from a terminal:
+
+  curl -sS http://{address}/api/publish -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' -d '{{"channel":"news","data":{{"hello":"world"}}}}'
+
+More tokens: HERALD_AUTH__HMAC_SECRET={secret} herald token --sub alice --channels 'news,prices.*'
+"#,
+        secret = secret.expose(),
+        api_key = api_key.expose(),
+    );
+    Ok((config, banner))
+}
+
+fn serve(config: Config, banner: Option<String>) -> ExitCode {
+    init_tracing(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("herald: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<()> = runtime.block_on(async move {
+        let listener = bind(config.server.listen)
+            .with_context(|| format!("cannot listen on {} (server.listen)", config.server.listen))?;
+        if let Some(banner) = banner {
+            println!("{banner}");
+        }
+        herald::run(listener, config, herald::shutdown::signal()).await?;
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("herald: {error:#}");
+            match error.downcast_ref::<herald::StartError>() {
+                Some(herald::StartError::Config(_)) => ExitCode::from(EXIT_INVALID_CONFIG as u8),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+/// Binds with a listen backlog large enough for reconnect storms.
+fn bind(address: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(4096)
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .parse(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

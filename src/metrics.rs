@@ -1,0 +1,197 @@
+//! Prometheus metrics. The only module that touches the `prometheus` crate: the
+//! rest of the node calls typed methods such as [`Metrics::message_dropped`].
+//! Every metric is prefixed `herald_`; `docs/configuration.md` lists them all.
+
+use std::sync::Arc;
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+use crate::auth::AuthError;
+use crate::config::SlowPolicy;
+use crate::protocol::ErrorCode;
+
+/// A cheap-to-clone handle to the node's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    connections_open: IntGauge,
+    connections_accepted: IntCounter,
+    connections_rejected: IntCounterVec,
+    disconnects: IntCounterVec,
+    subscriptions: IntGauge,
+    channels: IntGauge,
+    messages_published: IntCounter,
+    messages_received: IntCounter,
+    frames_delivered: IntCounter,
+    messages_dropped: IntCounterVec,
+    auth_failures: IntCounterVec,
+    client_errors: IntCounterVec,
+    http_requests: IntCounterVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let metric = IntCounter::new(name, help).expect("valid metric");
+    registry.register(Box::new(metric.clone())).expect("metric registered once");
+    metric
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let metric = IntGauge::new(name, help).expect("valid metric");
+    registry.register(Box::new(metric.clone())).expect("metric registered once");
+    metric
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry.register(Box::new(metric.clone())).expect("metric registered once");
+    metric
+}
+
+impl Metrics {
+    /// A fresh registry. Each node has its own, so tests can run many nodes in
+    /// one process.
+    pub fn new(node_id: &str) -> Metrics {
+        let registry = Registry::new_custom(
+            Some("herald".to_owned()),
+            Some([("node".to_owned(), node_id.to_owned())].into_iter().collect()),
+        )
+        .expect("valid registry");
+        let r = &registry;
+        let inner = Inner {
+            connections_open: gauge(r, "connections_open", "Open WebSocket connections."),
+            connections_accepted: counter(r, "connections_accepted_total", "WebSocket upgrades accepted."),
+            connections_rejected: counter_vec(
+                r,
+                "connections_rejected_total",
+                "WebSocket upgrade requests refused, by reason.",
+                &["reason"],
+            ),
+            disconnects: counter_vec(
+                r,
+                "disconnects_total",
+                "Closed WebSocket connections, by close reason.",
+                &["reason"],
+            ),
+            subscriptions: gauge(r, "subscriptions", "Active client subscriptions on this node."),
+            channels: gauge(r, "channels", "Channels with at least one local subscriber."),
+            messages_published: counter(
+                r,
+                "messages_published_total",
+                "Messages accepted by POST /api/publish.",
+            ),
+            messages_received: counter(
+                r,
+                "messages_received_total",
+                "Messages this node received from its broker for fan-out.",
+            ),
+            frames_delivered: counter(
+                r,
+                "frames_delivered_total",
+                "Message frames written to client sockets.",
+            ),
+            messages_dropped: counter_vec(
+                r,
+                "messages_dropped_total",
+                "Messages not delivered to a subscriber, by reason and channel policy.",
+                &["reason", "policy"],
+            ),
+            auth_failures: counter_vec(
+                r,
+                "auth_failures_total",
+                "Tokens refused, by reason.",
+                &["reason"],
+            ),
+            client_errors: counter_vec(
+                r,
+                "client_errors_total",
+                "Error frames and per-channel errors sent to clients, by code.",
+                &["code"],
+            ),
+            http_requests: counter_vec(
+                r,
+                "http_requests_total",
+                "HTTP requests, by route and status.",
+                &["route", "status"],
+            ),
+            registry,
+        };
+        Metrics {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The text exposition format for `GET /metrics`.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.inner.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+
+    pub fn connection_opened(&self) {
+        self.inner.connections_accepted.inc();
+        self.inner.connections_open.inc();
+    }
+
+    /// `reason` is a [`crate::protocol::CloseCode::reason`], `client_closed` or `connection_lost`.
+    pub fn connection_closed(&self, reason: &str) {
+        self.inner.connections_open.dec();
+        self.inner.disconnects.with_label_values(&[reason]).inc();
+    }
+
+    pub fn connection_rejected(&self, reason: &str) {
+        self.inner.connections_rejected.with_label_values(&[reason]).inc();
+    }
+
+    pub fn auth_failed(&self, error: &AuthError) {
+        self.inner.auth_failures.with_label_values(&[error.code()]).inc();
+    }
+
+    pub fn subscriptions_changed(&self, delta: i64) {
+        self.inner.subscriptions.add(delta);
+    }
+
+    pub fn channels_changed(&self, delta: i64) {
+        self.inner.channels.add(delta);
+    }
+
+    pub fn message_published(&self) {
+        self.inner.messages_published.inc();
+    }
+
+    pub fn message_received(&self) {
+        self.inner.messages_received.inc();
+    }
+
+    pub fn frames_delivered(&self, count: u64) {
+        self.inner.frames_delivered.inc_by(count);
+    }
+
+    /// A message one subscriber will not get. `reason` is `queue_full`,
+    /// `conflated`, `rate_limited`, `too_large` or `closed`.
+    pub fn message_dropped(&self, reason: &str, policy: Option<SlowPolicy>) {
+        let policy = match policy {
+            None => "none",
+            Some(SlowPolicy::Disconnect) => "disconnect",
+            Some(SlowPolicy::DropOldest) => "drop_oldest",
+            Some(SlowPolicy::Conflate) => "conflate",
+        };
+        self.inner.messages_dropped.with_label_values(&[reason, policy]).inc();
+    }
+
+    pub fn client_error(&self, code: ErrorCode) {
+        self.inner.client_errors.with_label_values(&[code.as_str()]).inc();
+    }
+
+    pub fn http_request(&self, route: &str, status: u16) {
+        self.inner
+            .http_requests
+            .with_label_values(&[route, &status.to_string()])
+            .inc();
+    }
+}

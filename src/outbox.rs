@@ -1,0 +1,491 @@
+//! One connection's bounded outbound queue and its slow-consumer policies.
+//!
+//! Fan-out pushes into an [`Outbox`] synchronously and never waits: a push takes
+//! a short, uncontended mutex, applies the channel's policy when the queue is
+//! full, and wakes the connection's writer only when the queue goes from empty
+//! to non-empty. The writer drains everything pending into one socket write.
+//!
+//! Bounds: at most `limits.queue_messages` entries and `limits.queue_bytes`
+//! bytes (a lone entry is always admitted, whatever its size), plus at most one
+//! pending entry per `conflate` channel and one held entry per rate-limited
+//! channel, both bounded by `limits.max_channels_per_connection`. Frames are
+//! shared [`Bytes`]: an entry costs a reference, not a copy of the payload.
+//!
+//! The lock is a `std::sync::Mutex`: it is held for a few pointer moves, never
+//! across an `.await`, and contention is one fan-out thread against one writer.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::config::SlowPolicy;
+use crate::metrics::Metrics;
+use crate::protocol::CloseCode;
+
+/// Identifies a channel within a node (assigned by the hub), so that the
+/// outbox can conflate and rate-limit per channel without comparing names.
+pub type ChannelKey = u64;
+
+/// How one channel's messages are treated when they cannot be written fast enough.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeliveryPolicy {
+    pub slow: SlowPolicy,
+    /// From `max_rate_hz`: deliveries of this channel are at least this far apart.
+    pub min_interval: Option<Duration>,
+}
+
+impl Default for DeliveryPolicy {
+    fn default() -> Self {
+        DeliveryPolicy {
+            slow: SlowPolicy::Disconnect,
+            min_interval: None,
+        }
+    }
+}
+
+/// Queue bounds, from `limits.queue_messages` and `limits.queue_bytes`.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub messages: usize,
+    pub bytes: usize,
+}
+
+/// The close frame the writer must send last.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Closing {
+    /// The node closes with this code.
+    Code(CloseCode),
+    /// The client closed first; echo its close payload (RFC 6455 5.5.1).
+    Echo(Bytes),
+}
+
+/// What the writer takes out of the outbox in one go.
+#[derive(Debug, Default)]
+pub struct Drained {
+    /// The latest unanswered client ping's payload.
+    pub pong: Option<Bytes>,
+    /// Set when the queue is empty and the connection is closing: send this, then stop.
+    pub closing: Option<Closing>,
+    /// How many of the drained frames are channel messages (not replies).
+    pub messages: u64,
+}
+
+pub struct Outbox {
+    state: Mutex<State>,
+    /// Wakes the writer. A permit is stored when it is not waiting, so no wake-up is lost.
+    notify: Notify,
+    /// Milliseconds after `epoch` at which the client last sent a frame; read by
+    /// the writer's ping-timeout check.
+    last_activity_ms: AtomicU64,
+    /// When the token (plus leeway) expires, in Unix seconds; moved by refresh.
+    expires_at: AtomicU64,
+    /// Reference point for `last_activity_ms`.
+    epoch: Instant,
+    limits: QueueLimits,
+    metrics: Metrics,
+}
+
+struct State {
+    queue: VecDeque<Entry>,
+    /// Sum of the frame lengths in `queue`.
+    bytes: usize,
+    pong: Option<Bytes>,
+    closing: Option<Closing>,
+    /// Rate-limited channels' last delivery time and newest held message.
+    rated: Vec<RateSlot>,
+}
+
+struct Entry {
+    frame: Bytes,
+    /// `None` for replies, which are never dropped or conflated.
+    channel: Option<(ChannelKey, SlowPolicy)>,
+}
+
+struct RateSlot {
+    channel: ChannelKey,
+    slow: SlowPolicy,
+    interval: Duration,
+    next_allowed: Instant,
+    held: Option<Bytes>,
+}
+
+/// Entries kept allocated in an idle queue; a larger buffer is freed once drained.
+const IDLE_QUEUE_CAPACITY: usize = 8;
+
+impl Outbox {
+    pub fn new(limits: QueueLimits, expires_at: u64, metrics: Metrics) -> Outbox {
+        Outbox {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                bytes: 0,
+                pong: None,
+                closing: None,
+                rated: Vec::new(),
+            }),
+            notify: Notify::new(),
+            last_activity_ms: AtomicU64::new(0),
+            expires_at: AtomicU64::new(expires_at),
+            epoch: Instant::now(),
+            limits,
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock leaves the queue consistent (every
+        // mutation is a single push, pop or replace), so poisoning is ignored.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues a channel message under the channel's policy. Never blocks.
+    pub fn push_message(&self, frame: &Bytes, channel: ChannelKey, policy: &DeliveryPolicy) {
+        let mut state = self.lock();
+        if state.closing.is_some() {
+            return;
+        }
+        if let Some(interval) = policy.min_interval {
+            let now = Instant::now();
+            match state.rated.iter_mut().find(|slot| slot.channel == channel) {
+                Some(slot) if slot.held.is_some() || now < slot.next_allowed => {
+                    let had_held = slot.held.replace(frame.clone()).is_some();
+                    drop(state);
+                    if had_held {
+                        self.metrics.message_dropped("rate_limited", Some(policy.slow));
+                    } else {
+                        // A new deadline for the writer to sleep until.
+                        self.notify.notify_one();
+                    }
+                    return;
+                }
+                Some(slot) => slot.next_allowed = now + interval,
+                None => state.rated.push(RateSlot {
+                    channel,
+                    slow: policy.slow,
+                    interval,
+                    next_allowed: now + interval,
+                    held: None,
+                }),
+            }
+        }
+        self.enqueue(&mut state, frame.clone(), channel, policy.slow);
+    }
+
+    fn enqueue(&self, state: &mut State, frame: Bytes, channel: ChannelKey, slow: SlowPolicy) {
+        let len = frame.len();
+        if slow == SlowPolicy::Conflate {
+            let pending = state
+                .queue
+                .iter_mut()
+                .rev()
+                .find(|entry| matches!(entry.channel, Some((key, _)) if key == channel));
+            if let Some(entry) = pending {
+                state.bytes = state.bytes - entry.frame.len() + len;
+                entry.frame = frame;
+                self.metrics.message_dropped("conflated", Some(slow));
+                return;
+            }
+        }
+        if self.is_full(state, len) {
+            match slow {
+                SlowPolicy::Disconnect => {
+                    self.fail(state, CloseCode::SlowConsumer);
+                    return;
+                }
+                SlowPolicy::DropOldest => {
+                    while self.is_full(state, len) {
+                        let oldest = state.queue.iter().position(|entry| {
+                            matches!(entry.channel, Some((_, SlowPolicy::DropOldest)))
+                        });
+                        self.metrics.message_dropped("queue_full", Some(slow));
+                        match oldest.and_then(|index| state.queue.remove(index)) {
+                            Some(evicted) => state.bytes -= evicted.frame.len(),
+                            // Only other policies' messages are queued: this one yields.
+                            None => return,
+                        }
+                    }
+                }
+                // Admitted over the limit: a conflate channel has at most one
+                // pending entry, so this is bounded by the channel count.
+                SlowPolicy::Conflate => {}
+            }
+        }
+        self.append(state, Entry {
+            frame,
+            channel: Some((channel, slow)),
+        });
+    }
+
+    /// Queues a reply or another protocol frame. Replies are never dropped: a
+    /// client whose queue is full is closed as a slow consumer instead.
+    pub fn push_reply(&self, frame: Bytes) {
+        let mut state = self.lock();
+        if state.closing.is_some() {
+            return;
+        }
+        if self.is_full(&state, frame.len()) {
+            self.fail(&mut state, CloseCode::SlowConsumer);
+            return;
+        }
+        self.append(&mut state, Entry {
+            frame,
+            channel: None,
+        });
+    }
+
+    fn is_full(&self, state: &State, len: usize) -> bool {
+        !state.queue.is_empty()
+            && (state.queue.len() >= self.limits.messages || state.bytes + len > self.limits.bytes)
+    }
+
+    fn append(&self, state: &mut State, entry: Entry) {
+        let was_empty = state.queue.is_empty();
+        state.bytes += entry.frame.len();
+        state.queue.push_back(entry);
+        if was_empty {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Closes because the client cannot keep up: what is queued is discarded.
+    fn fail(&self, state: &mut State, code: CloseCode) {
+        if state.closing.is_none() {
+            state.closing = Some(Closing::Code(code));
+        }
+        state.queue = VecDeque::new();
+        state.bytes = 0;
+        state.rated = Vec::new();
+        self.notify.notify_one();
+    }
+
+    /// Starts closing with `code`. On shutdown and token expiry what is already
+    /// queued is flushed first; otherwise it is discarded. The first close wins.
+    pub fn close(&self, code: CloseCode) {
+        let mut state = self.lock();
+        if state.closing.is_some() {
+            return;
+        }
+        if matches!(code, CloseCode::GoingAway | CloseCode::TokenExpired) {
+            state.closing = Some(Closing::Code(code));
+            state.rated = Vec::new();
+            self.notify.notify_one();
+        } else {
+            self.fail(&mut state, code);
+        }
+    }
+
+    /// The client sent a close frame: echo it and stop.
+    pub fn echo_close(&self, payload: Bytes) {
+        let mut state = self.lock();
+        if state.closing.is_none() {
+            state.closing = Some(Closing::Echo(payload));
+        }
+        state.queue = VecDeque::new();
+        state.bytes = 0;
+        self.notify.notify_one();
+    }
+
+    /// Answers a client ping; only the latest unanswered one (RFC 6455 5.5.3).
+    pub fn pong(&self, payload: Bytes) {
+        let mut state = self.lock();
+        state.pong = Some(payload);
+        drop(state);
+        self.notify.notify_one();
+    }
+
+    /// Forgets a channel's rate-limit state after an unsubscribe, so that a held
+    /// message is not delivered later.
+    pub fn forget(&self, channel: ChannelKey) {
+        let mut state = self.lock();
+        state.rated.retain(|slot| slot.channel != channel);
+    }
+
+    /// Moves rate-limited messages whose time has come into the queue, and
+    /// returns when the next one is due.
+    pub fn release_due(&self, now: Instant) -> Option<Instant> {
+        let mut state = self.lock();
+        if state.rated.is_empty() || state.closing.is_some() {
+            return None;
+        }
+        let mut next: Option<Instant> = None;
+        let mut due = Vec::new();
+        for slot in state.rated.iter_mut() {
+            if slot.held.is_none() {
+                continue;
+            }
+            if slot.next_allowed <= now {
+                let frame = slot.held.take().expect("checked above");
+                slot.next_allowed = now + slot.interval;
+                due.push((frame, slot.channel, slot.slow));
+            } else {
+                next = Some(next.map_or(slot.next_allowed, |n| n.min(slot.next_allowed)));
+            }
+        }
+        for (frame, channel, slow) in due {
+            self.enqueue(&mut state, frame, channel, slow);
+        }
+        next
+    }
+
+    /// Takes queued frames, oldest first, until `max_bytes` is reached.
+    pub fn drain(&self, frames: &mut Vec<Bytes>, max_bytes: usize) -> Drained {
+        let mut state = self.lock();
+        let mut drained = Drained {
+            pong: state.pong.take(),
+            ..Drained::default()
+        };
+        let mut taken = 0;
+        while let Some(entry) = state.queue.front() {
+            if taken > 0 && taken + entry.frame.len() > max_bytes {
+                break;
+            }
+            let entry = state.queue.pop_front().expect("front exists");
+            taken += entry.frame.len();
+            state.bytes -= entry.frame.len();
+            if entry.channel.is_some() {
+                drained.messages += 1;
+            }
+            frames.push(entry.frame);
+        }
+        if state.queue.is_empty() {
+            if state.queue.capacity() > IDLE_QUEUE_CAPACITY {
+                state.queue = VecDeque::new();
+            }
+            drained.closing = state.closing.clone();
+        }
+        drained
+    }
+
+    /// Whether the writer has anything left to send.
+    pub fn has_pending(&self) -> bool {
+        let state = self.lock();
+        !state.queue.is_empty() || state.pong.is_some()
+    }
+
+    /// Waits until something is pushed. Cancel-safe: a wake-up that arrives
+    /// while nobody waits is kept as a permit.
+    pub async fn changed(&self) {
+        self.notify.notified().await
+    }
+
+    /// Records that the client sent a frame.
+    pub fn touch(&self) {
+        let elapsed = self.epoch.elapsed().as_millis() as u64;
+        self.last_activity_ms.store(elapsed, Ordering::Relaxed);
+    }
+
+    /// When the client last sent a frame (the connection's start if never).
+    pub fn last_activity(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn expires_at(&self) -> u64 {
+        self.expires_at.load(Ordering::Relaxed)
+    }
+
+    pub fn set_expires_at(&self, unix_secs: u64) {
+        self.expires_at.store(unix_secs, Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbox(messages: usize, bytes: usize) -> Outbox {
+        Outbox::new(QueueLimits { messages, bytes }, u64::MAX, Metrics::new("test"))
+    }
+
+    fn policy(slow: SlowPolicy) -> DeliveryPolicy {
+        DeliveryPolicy {
+            slow,
+            min_interval: None,
+        }
+    }
+
+    fn drain_all(outbox: &Outbox) -> (Vec<Bytes>, Drained) {
+        let mut frames = Vec::new();
+        let drained = outbox.drain(&mut frames, usize::MAX);
+        (frames, drained)
+    }
+
+    #[test]
+    fn disconnect_policy_closes_when_full() {
+        let outbox = outbox(2, 1 << 20);
+        for i in 0..3 {
+            outbox.push_message(&Bytes::from(format!("m{i}")), 1, &policy(SlowPolicy::Disconnect));
+        }
+        let (frames, drained) = drain_all(&outbox);
+        assert!(frames.is_empty());
+        assert_eq!(drained.closing, Some(Closing::Code(CloseCode::SlowConsumer)));
+    }
+
+    #[test]
+    fn drop_oldest_keeps_the_newest() {
+        let outbox = outbox(2, 1 << 20);
+        for i in 0..5 {
+            outbox.push_message(&Bytes::from(format!("m{i}")), 1, &policy(SlowPolicy::DropOldest));
+        }
+        let (frames, drained) = drain_all(&outbox);
+        assert_eq!(frames, ["m3", "m4"]);
+        assert_eq!(drained.closing, None);
+    }
+
+    #[test]
+    fn conflate_keeps_one_newest_per_channel() {
+        let outbox = outbox(1, 1 << 20);
+        for i in 0..100 {
+            outbox.push_message(&Bytes::from(format!("a{i}")), 1, &policy(SlowPolicy::Conflate));
+            outbox.push_message(&Bytes::from(format!("b{i}")), 2, &policy(SlowPolicy::Conflate));
+        }
+        let (frames, drained) = drain_all(&outbox);
+        assert_eq!(frames, ["a99", "b99"]);
+        assert_eq!(drained.closing, None);
+    }
+
+    #[test]
+    fn byte_limit_counts_and_lone_large_frame_is_admitted() {
+        let outbox = outbox(100, 10);
+        outbox.push_message(&Bytes::from(vec![b'x'; 50]), 1, &policy(SlowPolicy::Disconnect));
+        assert!(outbox.has_pending());
+        outbox.push_message(&Bytes::from_static(b"y"), 1, &policy(SlowPolicy::Disconnect));
+        let (_, drained) = drain_all(&outbox);
+        assert_eq!(drained.closing, Some(Closing::Code(CloseCode::SlowConsumer)));
+    }
+
+    #[test]
+    fn shutdown_flushes_before_closing() {
+        let outbox = outbox(10, 1 << 20);
+        outbox.push_reply(Bytes::from_static(b"r"));
+        outbox.close(CloseCode::GoingAway);
+        outbox.push_reply(Bytes::from_static(b"late"));
+        let (frames, drained) = drain_all(&outbox);
+        assert_eq!(frames, ["r"]);
+        assert_eq!(drained.closing, Some(Closing::Code(CloseCode::GoingAway)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_holds_the_newest() {
+        let outbox = outbox(10, 1 << 20);
+        let limited = DeliveryPolicy {
+            slow: SlowPolicy::Disconnect,
+            min_interval: Some(Duration::from_millis(100)),
+        };
+        for i in 0..5 {
+            outbox.push_message(&Bytes::from(format!("m{i}")), 7, &limited);
+        }
+        let (frames, _) = drain_all(&outbox);
+        assert_eq!(frames, ["m0"]);
+        let due = outbox.release_due(Instant::now()).expect("a held message");
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(due <= Instant::now());
+        assert_eq!(outbox.release_due(Instant::now()), None);
+        let (frames, _) = drain_all(&outbox);
+        assert_eq!(frames, ["m4"]);
+    }
+}

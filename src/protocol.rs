@@ -1,0 +1,441 @@
+//! Client protocol v1: requests, server frames, close codes and error codes.
+//! Pure: no I/O. `docs/PROTOCOL.md` is the prose version of this file.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
+use serde_json::Value;
+
+/// The subprotocol herald speaks; echoed when the client offers it.
+pub const SUBPROTOCOL: &str = "herald.v1";
+
+/// Prefix of the subprotocol that carries a token: `herald.auth.<jwt>`.
+pub const AUTH_SUBPROTOCOL_PREFIX: &str = "herald.auth.";
+
+/// Why the node closes a WebSocket. Each code says whether the client should
+/// reconnect; see `docs/PROTOCOL.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseCode {
+    /// 1000: the client asked to close.
+    Normal,
+    /// 1001: the node is shutting down. Reconnect (to another node) at once.
+    GoingAway,
+    /// 1002: the client broke RFC 6455. Fix the client.
+    ProtocolError,
+    /// 1003: the client sent a frame type herald does not accept.
+    UnsupportedData,
+    /// 1007: a text message was not valid UTF-8.
+    InvalidPayload,
+    /// 1009: a client message was larger than `limits.max_message_bytes`.
+    MessageTooBig,
+    /// 1011: an unexpected server error. Reconnect with backoff.
+    InternalError,
+    /// 4001: the token expired without a refresh. Get a new token, then reconnect.
+    TokenExpired,
+    /// 4002: the client did not read fast enough. Reconnect and resync.
+    SlowConsumer,
+    /// 4003: no frame arrived within `ping.timeout` of a ping. Reconnect.
+    PingTimeout,
+    /// 4004: the token no longer allows this connection. Do not reconnect with it.
+    Forbidden,
+    /// 4005: the client exceeded a request limit. Reconnect after a backoff.
+    PolicyViolation,
+}
+
+impl CloseCode {
+    pub fn code(self) -> u16 {
+        match self {
+            CloseCode::Normal => 1000,
+            CloseCode::GoingAway => 1001,
+            CloseCode::ProtocolError => 1002,
+            CloseCode::UnsupportedData => 1003,
+            CloseCode::InvalidPayload => 1007,
+            CloseCode::MessageTooBig => 1009,
+            CloseCode::InternalError => 1011,
+            CloseCode::TokenExpired => 4001,
+            CloseCode::SlowConsumer => 4002,
+            CloseCode::PingTimeout => 4003,
+            CloseCode::Forbidden => 4004,
+            CloseCode::PolicyViolation => 4005,
+        }
+    }
+
+    /// The reason text in the close frame, also the `reason` metric label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            CloseCode::Normal => "normal",
+            CloseCode::GoingAway => "shutdown",
+            CloseCode::ProtocolError => "protocol_error",
+            CloseCode::UnsupportedData => "unsupported_data",
+            CloseCode::InvalidPayload => "invalid_payload",
+            CloseCode::MessageTooBig => "message_too_big",
+            CloseCode::InternalError => "internal_error",
+            CloseCode::TokenExpired => "token_expired",
+            CloseCode::SlowConsumer => "slow_consumer",
+            CloseCode::PingTimeout => "ping_timeout",
+            CloseCode::Forbidden => "forbidden",
+            CloseCode::PolicyViolation => "policy_violation",
+        }
+    }
+
+    /// Whether a well-behaved client should reconnect after this close.
+    pub fn should_reconnect(self) -> bool {
+        !matches!(
+            self,
+            CloseCode::ProtocolError
+                | CloseCode::UnsupportedData
+                | CloseCode::InvalidPayload
+                | CloseCode::MessageTooBig
+                | CloseCode::Forbidden
+        )
+    }
+}
+
+/// Stable error codes in `error` frames and in per-channel reply errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The text frame was not JSON.
+    InvalidJson,
+    /// JSON, but not a request object of the right shape.
+    InvalidRequest,
+    /// The `op` is not one herald knows.
+    UnknownOp,
+    /// Binary frames are not part of protocol v1.
+    UnsupportedFrame,
+    /// The token does not grant this channel.
+    Forbidden,
+    /// The channel name breaks the naming rules.
+    InvalidChannel,
+    /// A per-connection limit (channels, rate) was reached.
+    LimitExceeded,
+    /// A refresh token was refused.
+    InvalidToken,
+    /// The broker could not confirm the subscription.
+    BrokerUnavailable,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::UnsupportedFrame => "unsupported_frame",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::InvalidChannel => "invalid_channel",
+            ErrorCode::LimitExceeded => "limit_exceeded",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::BrokerUnavailable => "broker_unavailable",
+        }
+    }
+}
+
+/// A request id: the client's correlation number, echoed in the reply.
+pub type RequestId = u64;
+
+/// A client request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Subscribe { id: Option<RequestId>, channels: Vec<String> },
+    Unsubscribe { id: Option<RequestId>, channels: Vec<String> },
+    Ping { id: Option<RequestId> },
+    Refresh { id: Option<RequestId>, token: String },
+}
+
+/// A request that could not be understood.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestError {
+    /// The request's id, when it could be read.
+    pub id: Option<RequestId>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl RequestError {
+    fn new(id: Option<RequestId>, code: ErrorCode, message: impl Into<String>) -> Self {
+        RequestError {
+            id,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Parses one client text message.
+pub fn parse_request(text: &[u8]) -> Result<Request, RequestError> {
+    let value: Value = serde_json::from_slice(text)
+        .map_err(|e| RequestError::new(None, ErrorCode::InvalidJson, format!("invalid JSON: {e}")))?;
+    let Value::Object(mut object) = value else {
+        return Err(RequestError::new(None, ErrorCode::InvalidRequest, "a request is a JSON object"));
+    };
+    let id = match object.get("id") {
+        None | Some(Value::Null) => None,
+        Some(value) => Some(value.as_u64().ok_or_else(|| {
+            RequestError::new(None, ErrorCode::InvalidRequest, "id must be a non-negative integer")
+        })?),
+    };
+    let op = match object.get("op") {
+        Some(Value::String(op)) => op.clone(),
+        _ => return Err(RequestError::new(id, ErrorCode::InvalidRequest, "op must be a string")),
+    };
+    let mut channels = || -> Result<Vec<String>, RequestError> {
+        let bad = || RequestError::new(id, ErrorCode::InvalidRequest, "channels must be a non-empty array of strings");
+        match object.remove("channels") {
+            Some(Value::Array(items)) if !items.is_empty() => items
+                .into_iter()
+                .map(|item| match item {
+                    Value::String(name) => Ok(name),
+                    _ => Err(bad()),
+                })
+                .collect(),
+            _ => Err(bad()),
+        }
+    };
+    match op.as_str() {
+        "subscribe" => Ok(Request::Subscribe { id, channels: channels()? }),
+        "unsubscribe" => Ok(Request::Unsubscribe { id, channels: channels()? }),
+        "ping" => Ok(Request::Ping { id }),
+        "refresh" => match object.remove("token") {
+            Some(Value::String(token)) => Ok(Request::Refresh { id, token }),
+            _ => Err(RequestError::new(id, ErrorCode::InvalidRequest, "token must be a string")),
+        },
+        other => Err(RequestError::new(
+            id,
+            ErrorCode::UnknownOp,
+            format!("unknown op {:?}; expected subscribe, unsubscribe, ping or refresh", truncate(other, 32)),
+        )),
+    }
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((index, _)) => &text[..index],
+        None => text,
+    }
+}
+
+/// A per-channel error in a subscribe reply.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ChannelError {
+    pub channel: String,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// A request-level error in a reply.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ReplyError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Frames the node sends, other than deliveries (see [`encode_message`]).
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame<'a> {
+    Welcome {
+        connection_id: u64,
+        node_id: &'a str,
+        user: &'a str,
+        protocol: &'static str,
+        ping_interval_ms: u64,
+        expires_at: u64,
+    },
+    Reply {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channels: Option<&'a [String]>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        errors: Option<&'a [ChannelError]>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        revoked: Option<&'a [String]>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<ReplyError>,
+    },
+    Pong {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    Error {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+        code: ErrorCode,
+        message: &'a str,
+    },
+    Gap {
+        channels: &'a [String],
+    },
+}
+
+impl ServerFrame<'_> {
+    pub fn encode(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).expect("server frames serialize"))
+    }
+}
+
+/// How a payload is embedded in a delivery frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadEncoding {
+    /// Valid JSON: embedded verbatim.
+    Json,
+    /// UTF-8 but not JSON: embedded as a JSON string.
+    Text,
+    /// Not UTF-8: embedded as a base64 string, with `"encoding":"base64"`.
+    Base64,
+}
+
+/// Classifies a published payload.
+pub fn payload_encoding(payload: &[u8]) -> PayloadEncoding {
+    match std::str::from_utf8(payload) {
+        Err(_) => PayloadEncoding::Base64,
+        Ok(text) => {
+            if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
+                PayloadEncoding::Json
+            } else {
+                PayloadEncoding::Text
+            }
+        }
+    }
+}
+
+/// Encodes a delivery frame `{"type":"message","channel":...,"data":...}`.
+/// Called once per published message per node; the result is shared by every
+/// subscriber.
+pub fn encode_message(channel: &str, payload: &[u8]) -> Bytes {
+    const HEAD: &[u8] = br#"{"type":"message","channel":"#;
+    let mut out = BytesMut::with_capacity(HEAD.len() + channel.len() + payload.len() + 48);
+    out.put_slice(HEAD);
+    write_json_string(&mut out, channel);
+    out.put_slice(br#","data":"#);
+    match payload_encoding(payload) {
+        PayloadEncoding::Json => out.put_slice(payload),
+        PayloadEncoding::Text => {
+            // Checked to be UTF-8 just above.
+            write_json_string(&mut out, std::str::from_utf8(payload).unwrap_or_default())
+        }
+        PayloadEncoding::Base64 => {
+            use base64::Engine;
+            out.put_u8(b'"');
+            out.put_slice(base64::engine::general_purpose::STANDARD.encode(payload).as_bytes());
+            out.put_slice(br#"","encoding":"base64""#);
+        }
+    }
+    out.put_u8(b'}');
+    out.freeze()
+}
+
+fn write_json_string(out: &mut BytesMut, text: &str) {
+    let writer = &mut out.writer();
+    serde_json::to_writer(writer, text).expect("writing to memory cannot fail");
+}
+
+/// WebSocket opcodes the node writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opcode {
+    Text = 0x1,
+    Close = 0x8,
+    Ping = 0x9,
+    Pong = 0xA,
+}
+
+/// Appends one unmasked, unfragmented server frame to `out` (RFC 6455 5.2).
+pub fn write_frame(out: &mut Vec<u8>, opcode: Opcode, payload: &[u8]) {
+    out.push(0x80 | opcode as u8);
+    let len = payload.len();
+    if len < 126 {
+        out.push(len as u8);
+    } else if len <= u16::MAX as usize {
+        out.push(126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+}
+
+/// The bytes of a frame header for a payload of `len` bytes.
+pub const fn frame_overhead(len: usize) -> usize {
+    if len < 126 {
+        2
+    } else if len <= u16::MAX as usize {
+        4
+    } else {
+        10
+    }
+}
+
+/// The payload of a close frame: the code, then the reason.
+pub fn close_payload(code: CloseCode) -> Vec<u8> {
+    let mut payload = code.code().to_be_bytes().to_vec();
+    payload.extend_from_slice(code.reason().as_bytes());
+    payload
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, expected: Result<Request, (Option<u64>, ErrorCode)>) {
+        let got = parse_request(input.as_bytes()).map_err(|e| (e.id, e.code));
+        assert_eq!(got, expected, "{input}");
+    }
+
+    #[test]
+    fn requests() {
+        check(
+            r#"{"op":"subscribe","id":1,"channels":["prices.AAPL","news"]}"#,
+            Ok(Request::Subscribe { id: Some(1), channels: vec!["prices.AAPL".into(), "news".into()] }),
+        );
+        check(
+            r#"{"op":"unsubscribe","channels":["news"]}"#,
+            Ok(Request::Unsubscribe { id: None, channels: vec!["news".into()] }),
+        );
+        check(r#"{"op":"ping","id":3}"#, Ok(Request::Ping { id: Some(3) }));
+        check(
+            r#"{"op":"refresh","id":4,"token":"t","extra":1}"#,
+            Ok(Request::Refresh { id: Some(4), token: "t".into() }),
+        );
+        check("{", Err((None, ErrorCode::InvalidJson)));
+        check("[1]", Err((None, ErrorCode::InvalidRequest)));
+        check(r#"{"id":"x","op":"ping"}"#, Err((None, ErrorCode::InvalidRequest)));
+        check(r#"{"id":5}"#, Err((Some(5), ErrorCode::InvalidRequest)));
+        check(r#"{"op":"dance","id":6}"#, Err((Some(6), ErrorCode::UnknownOp)));
+        check(r#"{"op":"subscribe","id":7,"channels":[]}"#, Err((Some(7), ErrorCode::InvalidRequest)));
+        check(r#"{"op":"subscribe","id":8,"channels":"news"}"#, Err((Some(8), ErrorCode::InvalidRequest)));
+        check(r#"{"op":"subscribe","id":9,"channels":[1]}"#, Err((Some(9), ErrorCode::InvalidRequest)));
+        check(r#"{"op":"refresh","id":10}"#, Err((Some(10), ErrorCode::InvalidRequest)));
+    }
+
+    #[test]
+    fn deliveries_embed_json_verbatim_and_everything_else_safely() {
+        let check = |payload: &[u8], expected: &str| {
+            let frame = encode_message("prices.AAPL", payload);
+            assert_eq!(std::str::from_utf8(&frame).unwrap(), expected);
+            serde_json::from_slice::<Value>(&frame).expect("delivery is valid JSON");
+        };
+        check(br#"{"price":187.2}"#, r#"{"type":"message","channel":"prices.AAPL","data":{"price":187.2}}"#);
+        check(b"42", r#"{"type":"message","channel":"prices.AAPL","data":42}"#);
+        check(b"hello \"world\"", r#"{"type":"message","channel":"prices.AAPL","data":"hello \"world\""}"#);
+        check(b"{\"a\":1} trailing", r#"{"type":"message","channel":"prices.AAPL","data":"{\"a\":1} trailing"}"#);
+        check(&[0xff, 0x00, 0x01], r#"{"type":"message","channel":"prices.AAPL","data":"/wAB","encoding":"base64"}"#);
+        check(b"", r#"{"type":"message","channel":"prices.AAPL","data":""}"#);
+    }
+
+    #[test]
+    fn frames() {
+        let mut out = Vec::new();
+        write_frame(&mut out, Opcode::Text, b"hi");
+        assert_eq!(out, [0x81, 2, b'h', b'i']);
+        out.clear();
+        write_frame(&mut out, Opcode::Text, &[0; 300]);
+        assert_eq!(&out[..4], &[0x81, 126, 1, 44]);
+        assert_eq!(out.len(), 300 + frame_overhead(300));
+        out.clear();
+        write_frame(&mut out, Opcode::Close, &close_payload(CloseCode::SlowConsumer));
+        assert_eq!(&out[..4], &[0x88, 15, 0x0f, 0xa2]);
+    }
+}

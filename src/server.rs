@@ -1,0 +1,303 @@
+//! The accept loop and the HTTP surface: `/ws`, `/api/publish`, `/healthz`,
+//! `/readyz`, `/metrics`. Authentication and admission are decided here,
+//! before any socket is upgraded.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use crate::Node;
+use crate::auth::AuthError;
+use crate::channel;
+use crate::connection;
+use crate::http::{self, Body};
+use crate::protocol::{AUTH_SUBPROTOCOL_PREFIX, SUBPROTOCOL};
+
+/// Accepts connections until shutdown, then drops the listener.
+pub(crate) async fn accept_loop(listener: TcpListener, node: Node) {
+    let cancelled = node.shutdown.cancelled();
+    tokio::pin!(cancelled);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut cancelled => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                node.tracker.spawn(serve_http(stream, peer, node.clone()));
+            }
+            Err(error) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_http(stream: TcpStream, peer: SocketAddr, node: Node) {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(node.config.server.header_read_timeout)
+        .max_buf_size(node.config.server.max_header_bytes);
+    let service_node = node.clone();
+    let service = service_fn(move |request| {
+        let node = service_node.clone();
+        async move { Ok::<_, Infallible>(route(request, node, peer).await) }
+    });
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                debug!(%error, %peer, "http connection ended");
+            }
+        }
+        _ = node.shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
+
+/// Dispatches one request. The query string is never logged: it may hold a token.
+async fn route(request: Request<Incoming>, node: Node, peer: SocketAddr) -> Response<Body> {
+    let (name, response) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/ws") => ("ws", websocket(request, &node, peer)),
+        (&Method::POST, "/api/publish") => ("publish", publish(request, &node).await),
+        (&Method::GET, "/healthz") => ("healthz", http::json(StatusCode::OK, json!({"status": "ok"}))),
+        (&Method::GET, "/readyz") => ("readyz", readiness(&node)),
+        (&Method::GET, "/metrics") => ("metrics", metrics(&node)),
+        (_, "/ws" | "/api/publish" | "/healthz" | "/readyz" | "/metrics") => (
+            "other",
+            http::error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this path"),
+        ),
+        _ => ("other", http::error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
+    };
+    node.metrics.http_request(name, response.status().as_u16());
+    response
+}
+
+fn readiness(node: &Node) -> Response<Body> {
+    if node.draining.load(Ordering::Relaxed) {
+        http::json(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "draining"}))
+    } else if !node.broker.is_ready() {
+        http::json(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "broker_unavailable"}))
+    } else {
+        http::json(StatusCode::OK, json!({"status": "ready"}))
+    }
+}
+
+fn metrics(node: &Node) -> Response<Body> {
+    let mut response = Response::new(Body::new(Bytes::from(node.metrics.render())));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+fn rejected(node: &Node, reason: &str, response: Response<Body>) -> Response<Body> {
+    node.metrics.connection_rejected(reason);
+    response
+}
+
+/// `GET /ws`: checks the handshake, admission and the token, then upgrades.
+fn websocket(mut request: Request<Incoming>, node: &Node, peer: SocketAddr) -> Response<Body> {
+    if !fastwebsockets::upgrade::is_upgrade_request(&request) {
+        return rejected(
+            node,
+            "bad_handshake",
+            http::error(
+                StatusCode::BAD_REQUEST,
+                "bad_handshake",
+                "expected a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)",
+            ),
+        );
+    }
+    if node.draining.load(Ordering::Relaxed) {
+        let mut response = http::error(StatusCode::SERVICE_UNAVAILABLE, "draining", "the node is shutting down");
+        response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        return rejected(node, "draining", response);
+    }
+    let offered = offered_subprotocols(request.headers());
+    if !offered.is_empty() && !offered.iter().any(|p| p == SUBPROTOCOL) {
+        return rejected(
+            node,
+            "bad_handshake",
+            http::error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_subprotocol",
+                format!("offer the {SUBPROTOCOL} subprotocol"),
+            ),
+        );
+    }
+    let permit = match node.connection_slots.clone().try_acquire_owned() {
+        Ok(permit) => permit,
+        Err(_) => {
+            let mut response = http::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "max_connections",
+                "the node is at its connection limit",
+            );
+            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            return rejected(node, "max_connections", response);
+        }
+    };
+    let principal = match token(&request, &offered).and_then(|token| node.auth.authenticate(token)) {
+        Ok(principal) => principal,
+        Err(error) => {
+            node.metrics.auth_failed(&error);
+            let mut response = http::error(StatusCode::UNAUTHORIZED, error.code(), &error);
+            response
+                .headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
+            return rejected(node, "unauthorized", response);
+        }
+    };
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut request) {
+        Ok(parts) => parts,
+        Err(error) => {
+            return rejected(node, "bad_handshake", http::error(StatusCode::BAD_REQUEST, "bad_handshake", error));
+        }
+    };
+    let (mut parts, _) = response.into_parts();
+    if !offered.is_empty() {
+        parts
+            .headers
+            .insert("sec-websocket-protocol", HeaderValue::from_static(SUBPROTOCOL));
+    }
+    let session_node = node.clone();
+    node.tracker.spawn(async move {
+        // The slot is held for as long as the connection lives.
+        let _permit = permit;
+        connection::serve(session_node, upgrade, principal, peer).await;
+    });
+    Response::from_parts(parts, Body::default())
+}
+
+fn offered_subprotocols(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|protocol| protocol.trim().to_owned())
+        .filter(|protocol| !protocol.is_empty())
+        .collect()
+}
+
+/// The token, from `Authorization: Bearer`, then `?token=`, then the
+/// `herald.auth.<jwt>` subprotocol.
+fn token<'a>(request: &'a Request<Incoming>, offered: &'a [String]) -> Result<&'a str, AuthError> {
+    if let Some(value) = request.headers().get(AUTHORIZATION) {
+        return bearer(value).ok_or(AuthError::Malformed);
+    }
+    if let Some(query) = request.uri().query() {
+        let found = query.split('&').find_map(|pair| pair.strip_prefix("token="));
+        if let Some(token) = found {
+            // JWTs are base64url and dots: nothing to percent-decode.
+            return Ok(token);
+        }
+    }
+    offered
+        .iter()
+        .find_map(|protocol| protocol.strip_prefix(AUTH_SUBPROTOCOL_PREFIX))
+        .ok_or(AuthError::Missing)
+}
+
+fn bearer(value: &HeaderValue) -> Option<&str> {
+    let value = value.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    channel: String,
+    data: Box<serde_json::value::RawValue>,
+}
+
+/// `POST /api/publish` with `{"channel": ..., "data": <any JSON>}`.
+async fn publish(request: Request<Incoming>, node: &Node) -> Response<Body> {
+    let Some(key) = &node.config.api.key else {
+        return http::error(StatusCode::FORBIDDEN, "api_disabled", "set api.key to enable the publish API");
+    };
+    let authorized = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(bearer)
+        .map(|given| bool::from(given.as_bytes().ct_eq(key.expose().as_bytes())))
+        .unwrap_or(false);
+    if !authorized {
+        let mut response = http::error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong API key");
+        response
+            .headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    let max_payload = node.config.limits.max_publish_bytes;
+    let body = match Limited::new(request.into_body(), max_payload + 1024).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+            return http::error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("data is limited to {max_payload} bytes"),
+            );
+        }
+        Err(error) => return http::error(StatusCode::BAD_REQUEST, "bad_body", error),
+    };
+    let body: PublishBody = match serde_json::from_slice(&body) {
+        Ok(body) => body,
+        Err(error) => {
+            return http::error(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                format!("expected {{\"channel\": \"...\", \"data\": <JSON>}}: {error}"),
+            );
+        }
+    };
+    if let Err(error) = channel::validate_name(&body.channel) {
+        return http::error(StatusCode::BAD_REQUEST, "invalid_channel", error);
+    }
+    let data = body.data.get();
+    if data.len() > max_payload {
+        return http::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("data is limited to {max_payload} bytes"),
+        );
+    }
+    match node
+        .broker
+        .publish(&body.channel, Bytes::copy_from_slice(data.as_bytes()))
+        .await
+    {
+        Ok(()) => {
+            node.metrics.message_published();
+            http::json(StatusCode::OK, json!({"ok": true}))
+        }
+        Err(error) => http::error(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", error),
+    }
+}
