@@ -94,8 +94,11 @@ pub struct Authenticator {
     hmac_key: Option<DecodingKey>,
     /// Key for the asymmetric algorithms, when a public key file is configured.
     public_key: Option<DecodingKey>,
-    /// Validation template: leeway, nbf, issuer and audience rules.
-    validation: Validation,
+    /// Leeway, nbf, issuer and audience rules, with the HMAC algorithms only:
+    /// jsonwebtoken wants one key family per validation.
+    hmac_validation: Validation,
+    /// The same rules with the asymmetric algorithms.
+    public_validation: Validation,
     /// Leeway in seconds, added to `exp` for the connection's expiry.
     leeway: u64,
     channels_claim: String,
@@ -120,7 +123,10 @@ impl Authenticator {
             algorithms.push(algorithm);
         }
         if algorithms.is_empty() {
-            return Err(ConfigError::invalid("auth.algorithms", "must list at least one algorithm"));
+            return Err(ConfigError::invalid(
+                "auth.algorithms",
+                "must list at least one algorithm",
+            ));
         }
         let wants_hmac = algorithms.iter().any(|a| family(*a) == Family::Hmac);
         let hmac_key = match (&config.hmac_secret, wants_hmac) {
@@ -181,7 +187,10 @@ impl Authenticator {
                 .map_err(|e| {
                     ConfigError::invalid(
                         "auth.public_key_file",
-                        format!("{} is not a PEM public key of the configured type: {e}", path.display()),
+                        format!(
+                            "{} is not a PEM public key of the configured type: {e}",
+                            path.display()
+                        ),
                     )
                 })?;
                 Some(key)
@@ -194,7 +203,6 @@ impl Authenticator {
         }
 
         let mut validation = Validation::new(algorithms[0]);
-        validation.algorithms = algorithms.clone();
         validation.leeway = config.leeway.as_secs();
         validation.validate_exp = true;
         validation.validate_nbf = true;
@@ -214,12 +222,22 @@ impl Authenticator {
             None => validation.validate_aud = false,
         }
         validation.set_required_spec_claims(&required);
+        let for_family = |hmac: bool| {
+            let mut validation = validation.clone();
+            validation.algorithms = algorithms
+                .iter()
+                .copied()
+                .filter(|a| (family(*a) == Family::Hmac) == hmac)
+                .collect();
+            validation
+        };
 
         Ok(Authenticator {
+            hmac_validation: for_family(true),
+            public_validation: for_family(false),
             algorithms,
             hmac_key,
             public_key,
-            validation,
             leeway: config.leeway.as_secs(),
             channels_claim: config.channels_claim.clone(),
             user_channels: config.user_channels.clone(),
@@ -236,13 +254,12 @@ impl Authenticator {
             return Err(AuthError::TooLarge);
         }
         let algorithm = self.header_algorithm(token)?;
-        let key = match family(algorithm) {
-            Family::Hmac => self.hmac_key.as_ref(),
-            _ => self.public_key.as_ref(),
-        }
-        .ok_or(AuthError::AlgorithmNotAllowed)?;
-        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
-            .map_err(map_jwt_error)?;
+        let (key, validation) = match family(algorithm) {
+            Family::Hmac => (self.hmac_key.as_ref(), &self.hmac_validation),
+            _ => (self.public_key.as_ref(), &self.public_validation),
+        };
+        let key = key.ok_or(AuthError::AlgorithmNotAllowed)?;
+        let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(map_jwt_error)?;
         self.principal(data.claims)
     }
 
@@ -267,7 +284,10 @@ impl Authenticator {
             alg: String,
         }
         let raw: RawHeader = serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)?;
-        let algorithm: Algorithm = raw.alg.parse().map_err(|_| AuthError::AlgorithmNotAllowed)?;
+        let algorithm: Algorithm = raw
+            .alg
+            .parse()
+            .map_err(|_| AuthError::AlgorithmNotAllowed)?;
         if !self.algorithms.contains(&algorithm) {
             return Err(AuthError::AlgorithmNotAllowed);
         }
@@ -275,6 +295,12 @@ impl Authenticator {
     }
 
     fn principal(&self, claims: Claims) -> Result<Principal, AuthError> {
+        let sub = claims
+            .sub
+            .ok_or_else(|| AuthError::MissingClaim("sub".into()))?;
+        let exp = claims
+            .exp
+            .ok_or_else(|| AuthError::MissingClaim("exp".into()))?;
         let mut grants = Vec::new();
         match claims.rest.get(&self.channels_claim) {
             None | Some(Value::Null) => {}
@@ -292,25 +318,27 @@ impl Authenticator {
         }
         // `{sub}` is substituted only with a subject that is itself a valid
         // channel name, so a subject such as `*` can never become a wildcard.
-        if channel::validate_name(&claims.sub).is_ok() {
+        if channel::validate_name(&sub).is_ok() {
             for template in &self.user_channels {
-                if let Ok(pattern) = Pattern::parse(&template.replace("{sub}", &claims.sub)) {
+                if let Ok(pattern) = Pattern::parse(&template.replace("{sub}", &sub)) {
                     grants.push(pattern);
                 }
             }
         }
         Ok(Principal {
-            user: claims.sub.into(),
+            user: sub.into(),
             grants: grants.into(),
-            expires_at: claims.exp.saturating_add(self.leeway),
+            expires_at: exp.saturating_add(self.leeway),
         })
     }
 }
 
+/// The claims herald reads. `sub` and `exp` are optional here so that their
+/// absence is reported by the validation as `missing_claim`, not as malformed.
 #[derive(Deserialize)]
 struct Claims {
-    sub: String,
-    exp: u64,
+    sub: Option<String>,
+    exp: Option<u64>,
     #[serde(flatten)]
     rest: serde_json::Map<String, Value>,
 }
@@ -347,13 +375,14 @@ fn map_jwt_error(error: jsonwebtoken::errors::Error) -> AuthError {
         ErrorKind::InvalidAudience => AuthError::WrongAudience,
         ErrorKind::MissingRequiredClaim(claim) => AuthError::MissingClaim(claim),
         ErrorKind::InvalidClaimFormat(claim) => AuthError::InvalidClaim(claim),
-        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => {
-            AuthError::AlgorithmNotAllowed
-        }
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::InvalidAlgorithmName
+        | ErrorKind::UnsupportedAlgorithm => AuthError::AlgorithmNotAllowed,
         // A key that does not fit the algorithm cannot have made the signature.
-        ErrorKind::InvalidEcdsaKey | ErrorKind::InvalidEddsaKey | ErrorKind::InvalidRsaKey(_) | ErrorKind::InvalidKeyFormat => {
-            AuthError::BadSignature
-        }
+        ErrorKind::InvalidEcdsaKey
+        | ErrorKind::InvalidEddsaKey
+        | ErrorKind::InvalidRsaKey(_)
+        | ErrorKind::InvalidKeyFormat => AuthError::BadSignature,
         _ => AuthError::Malformed,
     }
 }
@@ -403,7 +432,12 @@ mod tests {
     #[test]
     fn minted_token_round_trips() {
         let auth = authenticator(|_| {});
-        let token = mint_hs256(SECRET, "alice", &["prices.*".into()], Duration::from_secs(60));
+        let token = mint_hs256(
+            SECRET,
+            "alice",
+            &["prices.*".into()],
+            Duration::from_secs(60),
+        );
         let principal = auth.authenticate(&token).unwrap();
         assert_eq!(&*principal.user, "alice");
         assert!(principal.may_subscribe("prices.AAPL"));
@@ -430,7 +464,10 @@ mod tests {
         assert_eq!(auth.authenticate("").err(), Some(AuthError::Missing));
         assert_eq!(auth.authenticate("abc").err(), Some(AuthError::Malformed));
         let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ4IiwiZXhwIjo5OTk5OTk5OTk5fQ.";
-        assert_eq!(auth.authenticate(none).err(), Some(AuthError::AlgorithmNotAllowed));
+        assert_eq!(
+            auth.authenticate(none).err(),
+            Some(AuthError::AlgorithmNotAllowed)
+        );
         let big = "a".repeat(9000);
         assert_eq!(auth.authenticate(&big).err(), Some(AuthError::TooLarge));
     }

@@ -370,10 +370,7 @@ impl Config {
         for key in LIST_KEYS {
             environment = environment.with_list_parse_key(key);
         }
-        let mut config: Config = builder
-            .add_source(environment)
-            .build()?
-            .try_deserialize()?;
+        let mut config: Config = builder.add_source(environment).build()?.try_deserialize()?;
         if config.node.id.is_none() {
             config.node.id = Some(hostname.unwrap_or_else(|| format!("herald-{}", random_hex(4))));
         }
@@ -392,7 +389,10 @@ impl Config {
         positive("ping.interval", self.ping.interval)?;
         positive("ping.timeout", self.ping.timeout)?;
         positive("shutdown.timeout", self.shutdown.timeout)?;
-        positive("server.header_read_timeout", self.server.header_read_timeout)?;
+        positive(
+            "server.header_read_timeout",
+            self.server.header_read_timeout,
+        )?;
         positive("limits.write_timeout", self.limits.write_timeout)?;
         let at_least = |key: &str, value: usize, min: usize| {
             if value < min {
@@ -401,12 +401,20 @@ impl Config {
                 Ok(())
             }
         };
-        at_least("server.max_header_bytes", self.server.max_header_bytes, 8192)?;
+        at_least(
+            "server.max_header_bytes",
+            self.server.max_header_bytes,
+            8192,
+        )?;
         at_least("auth.max_token_bytes", self.auth.max_token_bytes, 64)?;
         at_least("limits.max_connections", self.limits.max_connections, 1)?;
         at_least("limits.queue_messages", self.limits.queue_messages, 1)?;
         at_least("limits.queue_bytes", self.limits.queue_bytes, 1024)?;
-        at_least("limits.max_message_bytes", self.limits.max_message_bytes, 1024)?;
+        at_least(
+            "limits.max_message_bytes",
+            self.limits.max_message_bytes,
+            1024,
+        )?;
         at_least("limits.max_publish_bytes", self.limits.max_publish_bytes, 1)?;
         at_least(
             "limits.max_channels_per_connection",
@@ -425,7 +433,10 @@ impl Config {
             return Err(ConfigError::invalid("log.level", error.to_string()));
         }
         if self.auth.channels_claim.is_empty() {
-            return Err(ConfigError::invalid("auth.channels_claim", "must not be empty"));
+            return Err(ConfigError::invalid(
+                "auth.channels_claim",
+                "must not be empty",
+            ));
         }
         if let Some(key) = &self.api.key {
             if key.expose().len() < 16 {
@@ -507,7 +518,10 @@ mod tests {
     fn unknown_environment_key_is_an_error() {
         let err = Config::load_with_env(
             None,
-            env(&[("HERALD_AUTH__HMAC_SECRET", SECRET), ("HERALD_PING__INTERVALL", "3s")]),
+            env(&[
+                ("HERALD_AUTH__HMAC_SECRET", SECRET),
+                ("HERALD_PING__INTERVALL", "3s"),
+            ]),
         )
         .unwrap_err();
         assert!(err.to_string().contains("intervall"), "{err}");
@@ -528,7 +542,9 @@ mod tests {
         let check = |pairs: &[(&str, &str)], key: &str| {
             let mut all = vec![("HERALD_AUTH__HMAC_SECRET", SECRET)];
             all.extend_from_slice(pairs);
-            let err = Config::load_with_env(None, env(&all)).unwrap_err().to_string();
+            let err = Config::load_with_env(None, env(&all))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(key), "expected {key} in {err}");
         };
         check(&[("HERALD_PING__INTERVAL", "0s")], "ping.interval");
@@ -536,7 +552,10 @@ mod tests {
         check(&[("HERALD_AUTH__HMAC_SECRET", "short")], "auth.hmac_secret");
         check(&[("HERALD_AUTH__ALGORITHMS", "none")], "auth.algorithms");
         check(&[("HERALD_API__KEY", "x")], "api.key");
-        check(&[("HERALD_LIMITS__QUEUE_MESSAGES", "0")], "limits.queue_messages");
+        check(
+            &[("HERALD_LIMITS__QUEUE_MESSAGES", "0")],
+            "limits.queue_messages",
+        );
         check(&[("HERALD_SERVER__LISTEN", "nowhere")], "server.listen");
     }
 }

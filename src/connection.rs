@@ -130,11 +130,18 @@ where
         write_timeout: limits.write_timeout,
     };
     let mut writer_task = tokio::spawn(
-        write_loop(writer, outbox.clone(), settings, node.shutdown.clone(), node.clone())
-            .instrument(tracing::Span::current()),
+        write_loop(
+            writer,
+            outbox.clone(),
+            settings,
+            node.shutdown.clone(),
+            node.clone(),
+        )
+        .instrument(tracing::Span::current()),
     );
 
-    let (mut ws, _) = fastwebsockets::after_handshake_split(reader, tokio::io::sink(), Role::Server);
+    let (mut ws, _) =
+        fastwebsockets::after_handshake_split(reader, tokio::io::sink(), Role::Server);
     ws.set_max_message_size(limits.max_message_bytes);
     let mut session = Session {
         node: node.clone(),
@@ -240,9 +247,9 @@ where
 
 fn reader_error(error: WebSocketError) -> ReaderExit {
     match error {
-        WebSocketError::UnexpectedEOF | WebSocketError::IoError(_) | WebSocketError::ConnectionClosed => {
-            ReaderExit::Lost
-        }
+        WebSocketError::UnexpectedEOF
+        | WebSocketError::IoError(_)
+        | WebSocketError::ConnectionClosed => ReaderExit::Lost,
         WebSocketError::FrameTooLarge => ReaderExit::Violation(CloseCode::MessageTooBig),
         WebSocketError::InvalidUTF8 => ReaderExit::Violation(CloseCode::InvalidPayload),
         _ => ReaderExit::Violation(CloseCode::ProtocolError),
@@ -271,7 +278,11 @@ impl Drop for Session {
 impl Session {
     async fn on_message(&mut self, opcode: OpCode, payload: &[u8]) {
         if opcode == OpCode::Binary {
-            self.send_error(None, ErrorCode::UnsupportedFrame, "protocol v1 uses text frames only");
+            self.send_error(
+                None,
+                ErrorCode::UnsupportedFrame,
+                "protocol v1 uses text frames only",
+            );
             return;
         }
         match protocol::parse_request(payload) {
@@ -282,7 +293,8 @@ impl Session {
 
     fn send_error(&self, id: Option<RequestId>, code: ErrorCode, message: &str) {
         self.node.metrics.client_error(code);
-        self.outbox.push_reply(ServerFrame::Error { id, code, message }.encode());
+        self.outbox
+            .push_reply(ServerFrame::Error { id, code, message }.encode());
     }
 
     async fn handle(&mut self, request: Request) {
@@ -307,7 +319,10 @@ impl Session {
             let refusal = if let Err(error) = channel::validate_name(&name) {
                 Some((ErrorCode::InvalidChannel, error.to_string()))
             } else if !self.principal.may_subscribe(&name) {
-                Some((ErrorCode::Forbidden, "the token does not grant this channel".to_owned()))
+                Some((
+                    ErrorCode::Forbidden,
+                    "the token does not grant this channel".to_owned(),
+                ))
             } else if self.channels.contains_key(name.as_str()) {
                 None
             } else if self.channels.len() >= max_channels {
@@ -322,7 +337,11 @@ impl Session {
                 None
             };
             match refusal {
-                Some((code, message)) => errors.push(ChannelError { channel: name, code, message }),
+                Some((code, message)) => errors.push(ChannelError {
+                    channel: name,
+                    code,
+                    message,
+                }),
                 None => subscribed.push(name),
             }
         }

@@ -21,5 +21,8 @@ pub fn json(status: StatusCode, body: Value) -> Response<Body> {
 
 /// A JSON error `{"error": code, "message": message}`.
 pub fn error(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Response<Body> {
-    json(status, json!({ "error": code, "message": message.to_string() }))
+    json(
+        status,
+        json!({ "error": code, "message": message.to_string() }),
+    )
 }

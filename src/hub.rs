@@ -39,8 +39,11 @@ pub struct Hub {
     shared: Arc<Shared>,
 }
 
+/// One slice of the channel map.
+type Shard = RwLock<HashMap<Arc<str>, ChannelEntry>>;
+
 struct Shared {
-    shards: Box<[RwLock<HashMap<Arc<str>, ChannelEntry>>]>,
+    shards: Box<[Shard]>,
     /// Picks a shard for a channel name.
     hasher: std::collections::hash_map::RandomState,
     /// `[[channels]]` rules, first match wins.
@@ -107,7 +110,7 @@ impl Hub {
         }
     }
 
-    fn shard(&self, channel: &str) -> &RwLock<HashMap<Arc<str>, ChannelEntry>> {
+    fn shard(&self, channel: &str) -> &Shard {
         let index = self.shared.hasher.hash_one(channel) as usize % SHARDS;
         &self.shared.shards[index]
     }
@@ -123,7 +126,12 @@ impl Hub {
     }
 
     /// Adds a subscriber. Idempotent per connection and channel.
-    pub fn subscribe(&self, connection: ConnectionId, outbox: &Arc<Outbox>, channel: &str) -> Subscribed {
+    pub fn subscribe(
+        &self,
+        connection: ConnectionId,
+        outbox: &Arc<Outbox>,
+        channel: &str,
+    ) -> Subscribed {
         let mut shard = write(self.shard(channel));
         let (name, entry) = match shard.get_key_value(channel) {
             Some((name, _)) => {
@@ -144,7 +152,11 @@ impl Hub {
                 (name, entry)
             }
         };
-        if entry.subscribers.insert(connection, outbox.clone()).is_none() {
+        if entry
+            .subscribers
+            .insert(connection, outbox.clone())
+            .is_none()
+        {
             self.shared.metrics.subscriptions_changed(1);
         }
         Subscribed {
@@ -252,7 +264,10 @@ mod tests {
 
     fn outbox() -> Arc<Outbox> {
         Arc::new(Outbox::new(
-            QueueLimits { messages: 16, bytes: 1 << 20 },
+            QueueLimits {
+                messages: 16,
+                bytes: 1 << 20,
+            },
             u64::MAX,
             Metrics::new("test"),
         ))
@@ -284,6 +299,10 @@ mod tests {
         let (mut fa, mut fb) = (Vec::new(), Vec::new());
         a.drain(&mut fa, usize::MAX);
         b.drain(&mut fb, usize::MAX);
-        assert_eq!(fa[0].as_ptr(), fb[0].as_ptr(), "one allocation shared by both");
+        assert_eq!(
+            fa[0].as_ptr(),
+            fb[0].as_ptr(),
+            "one allocation shared by both"
+        );
     }
 }

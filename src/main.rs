@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use herald::config::{Config, ConfigError, EXIT_INVALID_CONFIG, LogFormat, Secret, random_hex};
 
 #[derive(Parser)]
-#[command(name = "herald", version, about = "A pub/sub push gateway: JWT-authenticated WebSockets fed from Redis channels")]
+#[command(
+    name = "herald",
+    version,
+    about = "A pub/sub push gateway: JWT-authenticated WebSockets fed from Redis channels"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -73,7 +77,10 @@ fn main() -> ExitCode {
         } => match Config::load(config.as_deref()) {
             Ok(config) => {
                 let Some(secret) = config.auth.hmac_secret else {
-                    return invalid(ConfigError::invalid("auth.hmac_secret", "is required to mint tokens"));
+                    return invalid(ConfigError::invalid(
+                        "auth.hmac_secret",
+                        "is required to mint tokens",
+                    ));
                 };
                 let channels: Vec<String> = channels
                     .split(',')
@@ -81,7 +88,10 @@ fn main() -> ExitCode {
                     .filter(|c| !c.is_empty())
                     .map(str::to_owned)
                     .collect();
-                println!("{}", herald::auth::mint_hs256(secret.expose(), &sub, &channels, ttl));
+                println!(
+                    "{}",
+                    herald::auth::mint_hs256(secret.expose(), &sub, &channels, ttl)
+                );
                 ExitCode::SUCCESS
             }
             Err(error) => invalid(error),
@@ -119,7 +129,12 @@ fn dev_config(file: Option<PathBuf>) -> Result<(Config, String), ConfigError> {
     if address.ip().is_unspecified() {
         address.set_ip([127, 0, 0, 1].into());
     }
-    let token = herald::auth::mint_hs256(secret.expose(), "dev-user", &["*".to_owned()], Duration::from_secs(86_400));
+    let token = herald::auth::mint_hs256(
+        secret.expose(),
+        "dev-user",
+        &["*".to_owned()],
+        Duration::from_secs(86_400),
+    );
     let banner = format!(
         r#"
 herald dev node on http://{address} (in-memory broker)
@@ -148,7 +163,10 @@ More tokens: HERALD_AUTH__HMAC_SECRET={secret} herald token --sub alice --channe
 
 fn serve(config: Config, banner: Option<String>) -> ExitCode {
     init_tracing(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("herald: cannot start the runtime: {error}");
@@ -156,8 +174,9 @@ fn serve(config: Config, banner: Option<String>) -> ExitCode {
         }
     };
     let result: anyhow::Result<()> = runtime.block_on(async move {
-        let listener = bind(config.server.listen)
-            .with_context(|| format!("cannot listen on {} (server.listen)", config.server.listen))?;
+        let listener = bind(config.server.listen).with_context(|| {
+            format!("cannot listen on {} (server.listen)", config.server.listen)
+        })?;
         if let Some(banner) = banner {
             println!("{banner}");
         }
@@ -192,7 +211,9 @@ fn init_tracing(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::builder()
         .parse(&config.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

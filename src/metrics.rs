@@ -35,19 +35,25 @@ struct Inner {
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let metric = IntCounter::new(name, help).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("metric registered once");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered once");
     metric
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let metric = IntGauge::new(name, help).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("metric registered once");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered once");
     metric
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("metric registered once");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered once");
     metric
 }
 
@@ -57,13 +63,21 @@ impl Metrics {
     pub fn new(node_id: &str) -> Metrics {
         let registry = Registry::new_custom(
             Some("herald".to_owned()),
-            Some([("node".to_owned(), node_id.to_owned())].into_iter().collect()),
+            Some(
+                [("node".to_owned(), node_id.to_owned())]
+                    .into_iter()
+                    .collect(),
+            ),
         )
         .expect("valid registry");
         let r = &registry;
         let inner = Inner {
             connections_open: gauge(r, "connections_open", "Open WebSocket connections."),
-            connections_accepted: counter(r, "connections_accepted_total", "WebSocket upgrades accepted."),
+            connections_accepted: counter(
+                r,
+                "connections_accepted_total",
+                "WebSocket upgrades accepted.",
+            ),
             connections_rejected: counter_vec(
                 r,
                 "connections_rejected_total",
@@ -76,8 +90,16 @@ impl Metrics {
                 "Closed WebSocket connections, by close reason.",
                 &["reason"],
             ),
-            subscriptions: gauge(r, "subscriptions", "Active client subscriptions on this node."),
-            channels: gauge(r, "channels", "Channels with at least one local subscriber."),
+            subscriptions: gauge(
+                r,
+                "subscriptions",
+                "Active client subscriptions on this node.",
+            ),
+            channels: gauge(
+                r,
+                "channels",
+                "Channels with at least one local subscriber.",
+            ),
             messages_published: counter(
                 r,
                 "messages_published_total",
@@ -145,11 +167,17 @@ impl Metrics {
     }
 
     pub fn connection_rejected(&self, reason: &str) {
-        self.inner.connections_rejected.with_label_values(&[reason]).inc();
+        self.inner
+            .connections_rejected
+            .with_label_values(&[reason])
+            .inc();
     }
 
     pub fn auth_failed(&self, error: &AuthError) {
-        self.inner.auth_failures.with_label_values(&[error.code()]).inc();
+        self.inner
+            .auth_failures
+            .with_label_values(&[error.code()])
+            .inc();
     }
 
     pub fn subscriptions_changed(&self, delta: i64) {
@@ -181,11 +209,17 @@ impl Metrics {
             Some(SlowPolicy::DropOldest) => "drop_oldest",
             Some(SlowPolicy::Conflate) => "conflate",
         };
-        self.inner.messages_dropped.with_label_values(&[reason, policy]).inc();
+        self.inner
+            .messages_dropped
+            .with_label_values(&[reason, policy])
+            .inc();
     }
 
     pub fn client_error(&self, code: ErrorCode) {
-        self.inner.client_errors.with_label_values(&[code.as_str()]).inc();
+        self.inner
+            .client_errors
+            .with_label_values(&[code.as_str()])
+            .inc();
     }
 
     pub fn http_request(&self, route: &str, status: u16) {

@@ -139,7 +139,9 @@ impl Outbox {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding this lock leaves the queue consistent (every
         // mutation is a single push, pop or replace), so poisoning is ignored.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Queues a channel message under the channel's policy. Never blocks.
@@ -155,7 +157,8 @@ impl Outbox {
                     let had_held = slot.held.replace(frame.clone()).is_some();
                     drop(state);
                     if had_held {
-                        self.metrics.message_dropped("rate_limited", Some(policy.slow));
+                        self.metrics
+                            .message_dropped("rate_limited", Some(policy.slow));
                     } else {
                         // A new deadline for the writer to sleep until.
                         self.notify.notify_one();
@@ -214,10 +217,13 @@ impl Outbox {
                 SlowPolicy::Conflate => {}
             }
         }
-        self.append(state, Entry {
-            frame,
-            channel: Some((channel, slow)),
-        });
+        self.append(
+            state,
+            Entry {
+                frame,
+                channel: Some((channel, slow)),
+            },
+        );
     }
 
     /// Queues a reply or another protocol frame. Replies are never dropped: a
@@ -231,10 +237,13 @@ impl Outbox {
             self.fail(&mut state, CloseCode::SlowConsumer);
             return;
         }
-        self.append(&mut state, Entry {
-            frame,
-            channel: None,
-        });
+        self.append(
+            &mut state,
+            Entry {
+                frame,
+                channel: None,
+            },
+        );
     }
 
     fn is_full(&self, state: &State, len: usize) -> bool {
@@ -398,7 +407,11 @@ mod tests {
     use super::*;
 
     fn outbox(messages: usize, bytes: usize) -> Outbox {
-        Outbox::new(QueueLimits { messages, bytes }, u64::MAX, Metrics::new("test"))
+        Outbox::new(
+            QueueLimits { messages, bytes },
+            u64::MAX,
+            Metrics::new("test"),
+        )
     }
 
     fn policy(slow: SlowPolicy) -> DeliveryPolicy {
@@ -418,18 +431,29 @@ mod tests {
     fn disconnect_policy_closes_when_full() {
         let outbox = outbox(2, 1 << 20);
         for i in 0..3 {
-            outbox.push_message(&Bytes::from(format!("m{i}")), 1, &policy(SlowPolicy::Disconnect));
+            outbox.push_message(
+                &Bytes::from(format!("m{i}")),
+                1,
+                &policy(SlowPolicy::Disconnect),
+            );
         }
         let (frames, drained) = drain_all(&outbox);
         assert!(frames.is_empty());
-        assert_eq!(drained.closing, Some(Closing::Code(CloseCode::SlowConsumer)));
+        assert_eq!(
+            drained.closing,
+            Some(Closing::Code(CloseCode::SlowConsumer))
+        );
     }
 
     #[test]
     fn drop_oldest_keeps_the_newest() {
         let outbox = outbox(2, 1 << 20);
         for i in 0..5 {
-            outbox.push_message(&Bytes::from(format!("m{i}")), 1, &policy(SlowPolicy::DropOldest));
+            outbox.push_message(
+                &Bytes::from(format!("m{i}")),
+                1,
+                &policy(SlowPolicy::DropOldest),
+            );
         }
         let (frames, drained) = drain_all(&outbox);
         assert_eq!(frames, ["m3", "m4"]);
@@ -440,8 +464,16 @@ mod tests {
     fn conflate_keeps_one_newest_per_channel() {
         let outbox = outbox(1, 1 << 20);
         for i in 0..100 {
-            outbox.push_message(&Bytes::from(format!("a{i}")), 1, &policy(SlowPolicy::Conflate));
-            outbox.push_message(&Bytes::from(format!("b{i}")), 2, &policy(SlowPolicy::Conflate));
+            outbox.push_message(
+                &Bytes::from(format!("a{i}")),
+                1,
+                &policy(SlowPolicy::Conflate),
+            );
+            outbox.push_message(
+                &Bytes::from(format!("b{i}")),
+                2,
+                &policy(SlowPolicy::Conflate),
+            );
         }
         let (frames, drained) = drain_all(&outbox);
         assert_eq!(frames, ["a99", "b99"]);
@@ -451,11 +483,22 @@ mod tests {
     #[test]
     fn byte_limit_counts_and_lone_large_frame_is_admitted() {
         let outbox = outbox(100, 10);
-        outbox.push_message(&Bytes::from(vec![b'x'; 50]), 1, &policy(SlowPolicy::Disconnect));
+        outbox.push_message(
+            &Bytes::from(vec![b'x'; 50]),
+            1,
+            &policy(SlowPolicy::Disconnect),
+        );
         assert!(outbox.has_pending());
-        outbox.push_message(&Bytes::from_static(b"y"), 1, &policy(SlowPolicy::Disconnect));
+        outbox.push_message(
+            &Bytes::from_static(b"y"),
+            1,
+            &policy(SlowPolicy::Disconnect),
+        );
         let (_, drained) = drain_all(&outbox);
-        assert_eq!(drained.closing, Some(Closing::Code(CloseCode::SlowConsumer)));
+        assert_eq!(
+            drained.closing,
+            Some(Closing::Code(CloseCode::SlowConsumer))
+        );
     }
 
     #[test]

@@ -136,10 +136,21 @@ pub type RequestId = u64;
 /// A client request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    Subscribe { id: Option<RequestId>, channels: Vec<String> },
-    Unsubscribe { id: Option<RequestId>, channels: Vec<String> },
-    Ping { id: Option<RequestId> },
-    Refresh { id: Option<RequestId>, token: String },
+    Subscribe {
+        id: Option<RequestId>,
+        channels: Vec<String>,
+    },
+    Unsubscribe {
+        id: Option<RequestId>,
+        channels: Vec<String>,
+    },
+    Ping {
+        id: Option<RequestId>,
+    },
+    Refresh {
+        id: Option<RequestId>,
+        token: String,
+    },
 }
 
 /// A request that could not be understood.
@@ -163,23 +174,44 @@ impl RequestError {
 
 /// Parses one client text message.
 pub fn parse_request(text: &[u8]) -> Result<Request, RequestError> {
-    let value: Value = serde_json::from_slice(text)
-        .map_err(|e| RequestError::new(None, ErrorCode::InvalidJson, format!("invalid JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(text).map_err(|e| {
+        RequestError::new(None, ErrorCode::InvalidJson, format!("invalid JSON: {e}"))
+    })?;
     let Value::Object(mut object) = value else {
-        return Err(RequestError::new(None, ErrorCode::InvalidRequest, "a request is a JSON object"));
+        return Err(RequestError::new(
+            None,
+            ErrorCode::InvalidRequest,
+            "a request is a JSON object",
+        ));
     };
     let id = match object.get("id") {
         None | Some(Value::Null) => None,
         Some(value) => Some(value.as_u64().ok_or_else(|| {
-            RequestError::new(None, ErrorCode::InvalidRequest, "id must be a non-negative integer")
+            RequestError::new(
+                None,
+                ErrorCode::InvalidRequest,
+                "id must be a non-negative integer",
+            )
         })?),
     };
     let op = match object.get("op") {
         Some(Value::String(op)) => op.clone(),
-        _ => return Err(RequestError::new(id, ErrorCode::InvalidRequest, "op must be a string")),
+        _ => {
+            return Err(RequestError::new(
+                id,
+                ErrorCode::InvalidRequest,
+                "op must be a string",
+            ));
+        }
     };
     let mut channels = || -> Result<Vec<String>, RequestError> {
-        let bad = || RequestError::new(id, ErrorCode::InvalidRequest, "channels must be a non-empty array of strings");
+        let bad = || {
+            RequestError::new(
+                id,
+                ErrorCode::InvalidRequest,
+                "channels must be a non-empty array of strings",
+            )
+        };
         match object.remove("channels") {
             Some(Value::Array(items)) if !items.is_empty() => items
                 .into_iter()
@@ -192,17 +224,30 @@ pub fn parse_request(text: &[u8]) -> Result<Request, RequestError> {
         }
     };
     match op.as_str() {
-        "subscribe" => Ok(Request::Subscribe { id, channels: channels()? }),
-        "unsubscribe" => Ok(Request::Unsubscribe { id, channels: channels()? }),
+        "subscribe" => Ok(Request::Subscribe {
+            id,
+            channels: channels()?,
+        }),
+        "unsubscribe" => Ok(Request::Unsubscribe {
+            id,
+            channels: channels()?,
+        }),
         "ping" => Ok(Request::Ping { id }),
         "refresh" => match object.remove("token") {
             Some(Value::String(token)) => Ok(Request::Refresh { id, token }),
-            _ => Err(RequestError::new(id, ErrorCode::InvalidRequest, "token must be a string")),
+            _ => Err(RequestError::new(
+                id,
+                ErrorCode::InvalidRequest,
+                "token must be a string",
+            )),
         },
         other => Err(RequestError::new(
             id,
             ErrorCode::UnknownOp,
-            format!("unknown op {:?}; expected subscribe, unsubscribe, ping or refresh", truncate(other, 32)),
+            format!(
+                "unknown op {:?}; expected subscribe, unsubscribe, ping or refresh",
+                truncate(other, 32)
+            ),
         )),
     }
 }
@@ -319,7 +364,11 @@ pub fn encode_message(channel: &str, payload: &[u8]) -> Bytes {
         PayloadEncoding::Base64 => {
             use base64::Engine;
             out.put_u8(b'"');
-            out.put_slice(base64::engine::general_purpose::STANDARD.encode(payload).as_bytes());
+            out.put_slice(
+                base64::engine::general_purpose::STANDARD
+                    .encode(payload)
+                    .as_bytes(),
+            );
             out.put_slice(br#"","encoding":"base64""#);
         }
     }
@@ -388,26 +437,53 @@ mod tests {
     fn requests() {
         check(
             r#"{"op":"subscribe","id":1,"channels":["prices.AAPL","news"]}"#,
-            Ok(Request::Subscribe { id: Some(1), channels: vec!["prices.AAPL".into(), "news".into()] }),
+            Ok(Request::Subscribe {
+                id: Some(1),
+                channels: vec!["prices.AAPL".into(), "news".into()],
+            }),
         );
         check(
             r#"{"op":"unsubscribe","channels":["news"]}"#,
-            Ok(Request::Unsubscribe { id: None, channels: vec!["news".into()] }),
+            Ok(Request::Unsubscribe {
+                id: None,
+                channels: vec!["news".into()],
+            }),
         );
         check(r#"{"op":"ping","id":3}"#, Ok(Request::Ping { id: Some(3) }));
         check(
             r#"{"op":"refresh","id":4,"token":"t","extra":1}"#,
-            Ok(Request::Refresh { id: Some(4), token: "t".into() }),
+            Ok(Request::Refresh {
+                id: Some(4),
+                token: "t".into(),
+            }),
         );
         check("{", Err((None, ErrorCode::InvalidJson)));
         check("[1]", Err((None, ErrorCode::InvalidRequest)));
-        check(r#"{"id":"x","op":"ping"}"#, Err((None, ErrorCode::InvalidRequest)));
+        check(
+            r#"{"id":"x","op":"ping"}"#,
+            Err((None, ErrorCode::InvalidRequest)),
+        );
         check(r#"{"id":5}"#, Err((Some(5), ErrorCode::InvalidRequest)));
-        check(r#"{"op":"dance","id":6}"#, Err((Some(6), ErrorCode::UnknownOp)));
-        check(r#"{"op":"subscribe","id":7,"channels":[]}"#, Err((Some(7), ErrorCode::InvalidRequest)));
-        check(r#"{"op":"subscribe","id":8,"channels":"news"}"#, Err((Some(8), ErrorCode::InvalidRequest)));
-        check(r#"{"op":"subscribe","id":9,"channels":[1]}"#, Err((Some(9), ErrorCode::InvalidRequest)));
-        check(r#"{"op":"refresh","id":10}"#, Err((Some(10), ErrorCode::InvalidRequest)));
+        check(
+            r#"{"op":"dance","id":6}"#,
+            Err((Some(6), ErrorCode::UnknownOp)),
+        );
+        check(
+            r#"{"op":"subscribe","id":7,"channels":[]}"#,
+            Err((Some(7), ErrorCode::InvalidRequest)),
+        );
+        check(
+            r#"{"op":"subscribe","id":8,"channels":"news"}"#,
+            Err((Some(8), ErrorCode::InvalidRequest)),
+        );
+        check(
+            r#"{"op":"subscribe","id":9,"channels":[1]}"#,
+            Err((Some(9), ErrorCode::InvalidRequest)),
+        );
+        check(
+            r#"{"op":"refresh","id":10}"#,
+            Err((Some(10), ErrorCode::InvalidRequest)),
+        );
     }
 
     #[test]
@@ -417,12 +493,30 @@ mod tests {
             assert_eq!(std::str::from_utf8(&frame).unwrap(), expected);
             serde_json::from_slice::<Value>(&frame).expect("delivery is valid JSON");
         };
-        check(br#"{"price":187.2}"#, r#"{"type":"message","channel":"prices.AAPL","data":{"price":187.2}}"#);
-        check(b"42", r#"{"type":"message","channel":"prices.AAPL","data":42}"#);
-        check(b"hello \"world\"", r#"{"type":"message","channel":"prices.AAPL","data":"hello \"world\""}"#);
-        check(b"{\"a\":1} trailing", r#"{"type":"message","channel":"prices.AAPL","data":"{\"a\":1} trailing"}"#);
-        check(&[0xff, 0x00, 0x01], r#"{"type":"message","channel":"prices.AAPL","data":"/wAB","encoding":"base64"}"#);
-        check(b"", r#"{"type":"message","channel":"prices.AAPL","data":""}"#);
+        check(
+            br#"{"price":187.2}"#,
+            r#"{"type":"message","channel":"prices.AAPL","data":{"price":187.2}}"#,
+        );
+        check(
+            b"42",
+            r#"{"type":"message","channel":"prices.AAPL","data":42}"#,
+        );
+        check(
+            b"hello \"world\"",
+            r#"{"type":"message","channel":"prices.AAPL","data":"hello \"world\""}"#,
+        );
+        check(
+            b"{\"a\":1} trailing",
+            r#"{"type":"message","channel":"prices.AAPL","data":"{\"a\":1} trailing"}"#,
+        );
+        check(
+            &[0xff, 0x00, 0x01],
+            r#"{"type":"message","channel":"prices.AAPL","data":"/wAB","encoding":"base64"}"#,
+        );
+        check(
+            b"",
+            r#"{"type":"message","channel":"prices.AAPL","data":""}"#,
+        );
     }
 
     #[test]
@@ -435,7 +529,11 @@ mod tests {
         assert_eq!(&out[..4], &[0x81, 126, 1, 44]);
         assert_eq!(out.len(), 300 + frame_overhead(300));
         out.clear();
-        write_frame(&mut out, Opcode::Close, &close_payload(CloseCode::SlowConsumer));
+        write_frame(
+            &mut out,
+            Opcode::Close,
+            &close_payload(CloseCode::SlowConsumer),
+        );
         assert_eq!(&out[..4], &[0x88, 15, 0x0f, 0xa2]);
     }
 }

@@ -84,14 +84,24 @@ async fn route(request: Request<Incoming>, node: Node, peer: SocketAddr) -> Resp
     let (name, response) = match (request.method(), request.uri().path()) {
         (&Method::GET, "/ws") => ("ws", websocket(request, &node, peer)),
         (&Method::POST, "/api/publish") => ("publish", publish(request, &node).await),
-        (&Method::GET, "/healthz") => ("healthz", http::json(StatusCode::OK, json!({"status": "ok"}))),
+        (&Method::GET, "/healthz") => (
+            "healthz",
+            http::json(StatusCode::OK, json!({"status": "ok"})),
+        ),
         (&Method::GET, "/readyz") => ("readyz", readiness(&node)),
         (&Method::GET, "/metrics") => ("metrics", metrics(&node)),
         (_, "/ws" | "/api/publish" | "/healthz" | "/readyz" | "/metrics") => (
             "other",
-            http::error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this path"),
+            http::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this path",
+            ),
         ),
-        _ => ("other", http::error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
+        _ => (
+            "other",
+            http::error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
+        ),
     };
     node.metrics.http_request(name, response.status().as_u16());
     response
@@ -99,9 +109,15 @@ async fn route(request: Request<Incoming>, node: Node, peer: SocketAddr) -> Resp
 
 fn readiness(node: &Node) -> Response<Body> {
     if node.draining.load(Ordering::Relaxed) {
-        http::json(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "draining"}))
+        http::json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "draining"}),
+        )
     } else if !node.broker.is_ready() {
-        http::json(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "broker_unavailable"}))
+        http::json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "broker_unavailable"}),
+        )
     } else {
         http::json(StatusCode::OK, json!({"status": "ready"}))
     }
@@ -135,8 +151,14 @@ fn websocket(mut request: Request<Incoming>, node: &Node, peer: SocketAddr) -> R
         );
     }
     if node.draining.load(Ordering::Relaxed) {
-        let mut response = http::error(StatusCode::SERVICE_UNAVAILABLE, "draining", "the node is shutting down");
-        response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        let mut response = http::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "the node is shutting down",
+        );
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         return rejected(node, "draining", response);
     }
     let offered = offered_subprotocols(request.headers());
@@ -159,32 +181,41 @@ fn websocket(mut request: Request<Incoming>, node: &Node, peer: SocketAddr) -> R
                 "max_connections",
                 "the node is at its connection limit",
             );
-            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
             return rejected(node, "max_connections", response);
         }
     };
-    let principal = match token(&request, &offered).and_then(|token| node.auth.authenticate(token)) {
+    let principal = match token(&request, &offered).and_then(|token| node.auth.authenticate(token))
+    {
         Ok(principal) => principal,
         Err(error) => {
             node.metrics.auth_failed(&error);
             let mut response = http::error(StatusCode::UNAUTHORIZED, error.code(), &error);
-            response
-                .headers_mut()
-                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
             return rejected(node, "unauthorized", response);
         }
     };
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut request) {
         Ok(parts) => parts,
         Err(error) => {
-            return rejected(node, "bad_handshake", http::error(StatusCode::BAD_REQUEST, "bad_handshake", error));
+            return rejected(
+                node,
+                "bad_handshake",
+                http::error(StatusCode::BAD_REQUEST, "bad_handshake", error),
+            );
         }
     };
     let (mut parts, _) = response.into_parts();
     if !offered.is_empty() {
-        parts
-            .headers
-            .insert("sec-websocket-protocol", HeaderValue::from_static(SUBPROTOCOL));
+        parts.headers.insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static(SUBPROTOCOL),
+        );
     }
     let session_node = node.clone();
     node.tracker.spawn(async move {
@@ -213,7 +244,9 @@ fn token<'a>(request: &'a Request<Incoming>, offered: &'a [String]) -> Result<&'
         return bearer(value).ok_or(AuthError::Malformed);
     }
     if let Some(query) = request.uri().query() {
-        let found = query.split('&').find_map(|pair| pair.strip_prefix("token="));
+        let found = query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("token="));
         if let Some(token) = found {
             // JWTs are base64url and dots: nothing to percent-decode.
             return Ok(token);
@@ -241,7 +274,11 @@ struct PublishBody {
 /// `POST /api/publish` with `{"channel": ..., "data": <any JSON>}`.
 async fn publish(request: Request<Incoming>, node: &Node) -> Response<Body> {
     let Some(key) = &node.config.api.key else {
-        return http::error(StatusCode::FORBIDDEN, "api_disabled", "set api.key to enable the publish API");
+        return http::error(
+            StatusCode::FORBIDDEN,
+            "api_disabled",
+            "set api.key to enable the publish API",
+        );
     };
     let authorized = request
         .headers()
@@ -250,14 +287,21 @@ async fn publish(request: Request<Incoming>, node: &Node) -> Response<Body> {
         .map(|given| bool::from(given.as_bytes().ct_eq(key.expose().as_bytes())))
         .unwrap_or(false);
     if !authorized {
-        let mut response = http::error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong API key");
+        let mut response = http::error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong API key",
+        );
         response
             .headers_mut()
             .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return response;
     }
     let max_payload = node.config.limits.max_publish_bytes;
-    let body = match Limited::new(request.into_body(), max_payload + 1024).collect().await {
+    let body = match Limited::new(request.into_body(), max_payload + 1024)
+        .collect()
+        .await
+    {
         Ok(body) => body.to_bytes(),
         Err(error) if error.is::<http_body_util::LengthLimitError>() => {
             return http::error(

@@ -36,8 +36,14 @@ pub(crate) async fn drain(node: &Node, deadline: Duration) {
     node.shutdown.cancel();
     node.tracker.close();
     info!(open = node.tracker.len(), "draining");
-    if tokio::time::timeout(deadline, node.tracker.wait()).await.is_err() {
-        warn!(open = node.tracker.len(), "drain deadline passed; dropping what is left");
+    if tokio::time::timeout(deadline, node.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            open = node.tracker.len(),
+            "drain deadline passed; dropping what is left"
+        );
     } else {
         info!("drained");
     }
