@@ -15,8 +15,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::channel::Pattern;
 
-/// The exit status for invalid configuration (`EX_CONFIG` is 78; `EX_USAGE`, 64,
-/// is what operators and the Helm chart expect from herald).
+/// The exit status for invalid configuration (`EX_USAGE`).
 pub const EXIT_INVALID_CONFIG: i32 = 64;
 
 /// The environment variable prefix.
@@ -187,13 +186,99 @@ pub enum BrokerKind {
     /// In-process: one node, no Redis. The default, for development.
     #[default]
     Memory,
+    /// One Redis server (or a primary behind a stable address): SUBSCRIBE/PUBLISH.
+    Redis,
+    /// Redis Cluster with sharded pub/sub: SSUBSCRIBE/SPUBLISH.
+    RedisCluster,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+/// A Redis URL: shown with its password redacted.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    pub fn new(url: impl Into<String>) -> RedisUrl {
+        RedisUrl(url.into())
+    }
+
+    /// The URL with its credentials. Callers must not log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any `user:password@` replaced.
+    pub fn redacted(&self) -> String {
+        match (self.0.find("://"), self.0.rfind('@')) {
+            (Some(scheme_end), Some(at)) if at > scheme_end => {
+                format!("{}<redacted>{}", &self.0[..scheme_end + 3], &self.0[at..])
+            }
+            _ => self.0.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for RedisUrl {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.redacted())
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// `memory`.
+    /// `memory`, `redis` or `redis-cluster`.
     pub kind: BrokerKind,
+    /// For `redis`: `redis://[user:password@]host:port[/db]` or `rediss://` for TLS.
+    pub url: Option<RedisUrl>,
+    /// For `redis-cluster`: seed node URLs.
+    pub cluster_urls: Vec<RedisUrl>,
+    /// Prepended to client-visible channel names to form Redis channel names.
+    pub channel_prefix: String,
+    /// How often the node publishes a probe to its own probe channel.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// A probe not received back within this long makes the node reconnect.
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
+    /// How long a client's subscribe waits for Redis to confirm.
+    #[serde(with = "humantime_serde")]
+    pub subscribe_timeout: Duration,
+    /// Connection and response timeout of Redis commands.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// First reconnect delay; doubles up to `reconnect_max`, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// Whether `/readyz` fails while the broker is disconnected.
+    pub readiness_requires_broker: bool,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            kind: BrokerKind::Memory,
+            url: None,
+            cluster_urls: Vec::new(),
+            channel_prefix: String::new(),
+            probe_interval: Duration::from_secs(5),
+            probe_timeout: Duration::from_secs(3),
+            subscribe_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(3),
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+            readiness_requires_broker: true,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -357,19 +442,32 @@ impl Config {
             builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
         }
         let hostname = env.get("HOSTNAME").cloned();
-        let env: HashMap<String, String> = env
-            .into_iter()
-            .filter(|(key, _)| key.starts_with(&format!("{ENV_PREFIX}_")))
-            .collect();
-        let mut environment = config::Environment::with_prefix(ENV_PREFIX)
+        let prefix = format!("{ENV_PREFIX}_");
+        let mut scalars = HashMap::new();
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            let key = rest.to_lowercase().replace("__", ".");
+            if LIST_KEYS.contains(&key.as_str()) {
+                // Lists are comma-separated. Everything else stays a string
+                // exactly as written (no guessing that "0042" is a number),
+                // and serde converts it to the field's type.
+                let items: Vec<String> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|item| !item.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                builder = builder.set_override(key, items)?;
+            } else {
+                scalars.insert(name, value);
+            }
+        }
+        let environment = config::Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("_")
             .separator("__")
-            .list_separator(",")
-            .try_parsing(true)
-            .source(Some(env));
-        for key in LIST_KEYS {
-            environment = environment.with_list_parse_key(key);
-        }
+            .source(Some(scalars));
         let mut config: Config = builder.add_source(environment).build()?.try_deserialize()?;
         if config.node.id.is_none() {
             config.node.id = Some(hostname.unwrap_or_else(|| format!("herald-{}", random_hex(4))));
@@ -394,6 +492,24 @@ impl Config {
             self.server.header_read_timeout,
         )?;
         positive("limits.write_timeout", self.limits.write_timeout)?;
+        positive("broker.probe_interval", self.broker.probe_interval)?;
+        positive("broker.probe_timeout", self.broker.probe_timeout)?;
+        positive("broker.subscribe_timeout", self.broker.subscribe_timeout)?;
+        positive("broker.command_timeout", self.broker.command_timeout)?;
+        positive("broker.reconnect_min", self.broker.reconnect_min)?;
+        if self.broker.reconnect_max < self.broker.reconnect_min {
+            return Err(ConfigError::invalid(
+                "broker.reconnect_max",
+                "must not be shorter than broker.reconnect_min",
+            ));
+        }
+        if self.broker.channel_prefix.len() > 64 {
+            return Err(ConfigError::invalid(
+                "broker.channel_prefix",
+                "must be at most 64 bytes",
+            ));
+        }
+        crate::broker::redis::check_config(&self.broker)?;
         let at_least = |key: &str, value: usize, min: usize| {
             if value < min {
                 Err(ConfigError::invalid(key, format!("must be at least {min}")))
@@ -448,10 +564,10 @@ impl Config {
                 ConfigError::invalid(format!("channels[{index}].pattern"), e.to_string())
             })?;
             if let Some(rate) = rule.max_rate_hz {
-                if !(rate.is_finite() && rate > 0.0) {
+                if !(0.001..=10_000.0).contains(&rate) {
                     return Err(ConfigError::invalid(
                         format!("channels[{index}].max_rate_hz"),
-                        "must be a positive number",
+                        "must be between 0.001 and 10000",
                     ));
                 }
             }
@@ -498,6 +614,7 @@ mod tests {
             None,
             env(&[
                 ("HERALD_AUTH__HMAC_SECRET", SECRET),
+                ("HERALD_API__KEY", "00123456789012345678"),
                 ("HERALD_AUTH__ALGORITHMS", "HS256,HS512"),
                 ("HERALD_PING__INTERVAL", "3s"),
                 ("HERALD_LIMITS__QUEUE_MESSAGES", "7"),
@@ -507,6 +624,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.auth.hmac_secret.unwrap().expose(), SECRET);
+        // A numeric-looking secret is kept exactly as written.
+        assert_eq!(config.api.key.unwrap().expose(), "00123456789012345678");
         assert_eq!(config.auth.algorithms, ["HS256", "HS512"]);
         assert_eq!(config.ping.interval, Duration::from_secs(3));
         assert_eq!(config.limits.queue_messages, 7);
@@ -525,6 +644,46 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("intervall"), "{err}");
+    }
+
+    #[test]
+    fn redis_urls_are_checked_and_redacted() {
+        let base = [
+            ("HERALD_AUTH__HMAC_SECRET", SECRET),
+            ("HERALD_BROKER__KIND", "redis"),
+        ];
+        let err = Config::load_with_env(None, env(&base))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("broker.url"), "{err}");
+        let mut bad = base.to_vec();
+        bad.push(("HERALD_BROKER__URL", "http://nope"));
+        let err = Config::load_with_env(None, env(&bad))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("broker.url"), "{err}");
+        let mut good = base.to_vec();
+        good.push((
+            "HERALD_BROKER__URL",
+            "redis://app:hunter2@redis.internal:6380/2",
+        ));
+        let config = Config::load_with_env(None, env(&good)).unwrap();
+        let text = config.to_redacted_toml();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(
+            text.contains("redis://<redacted>@redis.internal:6380/2"),
+            "{text}"
+        );
+        let cluster = [
+            ("HERALD_AUTH__HMAC_SECRET", SECRET),
+            ("HERALD_BROKER__KIND", "redis-cluster"),
+            (
+                "HERALD_BROKER__CLUSTER_URLS",
+                "redis://a:7000,redis://b:7001",
+            ),
+        ];
+        let config = Config::load_with_env(None, env(&cluster)).unwrap();
+        assert_eq!(config.broker.cluster_urls.len(), 2);
     }
 
     #[test]

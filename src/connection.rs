@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span};
 
 use crate::Node;
-use crate::auth::Principal;
+use crate::auth::{AuthError, Principal};
 use crate::channel;
 use crate::hub::ConnectionId;
 use crate::outbox::{ChannelKey, Closing, Outbox, QueueLimits};
@@ -142,7 +142,8 @@ where
 
     let (mut ws, _) =
         fastwebsockets::after_handshake_split(reader, tokio::io::sink(), Role::Server);
-    ws.set_max_message_size(limits.max_message_bytes);
+    // fastwebsockets refuses a frame of exactly its maximum; herald's limit is inclusive.
+    ws.set_max_message_size(limits.max_message_bytes + 1);
     let mut session = Session {
         node: node.clone(),
         id,
@@ -196,10 +197,15 @@ where
     let max_message = session.node.config.limits.max_message_bytes;
     // A fragmented message being assembled: its opcode and bytes so far.
     let mut fragments: Option<(OpCode, Vec<u8>)> = None;
-    // The automatic pong and close replies go to the writer, never to the socket.
+    // The automatic pong and close replies go to the writer, never to the
+    // socket. fastwebsockets answers client pings without returning them, so
+    // this is also where a client ping counts as activity.
     let mut obligated = |frame: Frame<'_>| {
         match frame.opcode {
-            OpCode::Pong => outbox.pong(Bytes::copy_from_slice(&frame.payload)),
+            OpCode::Pong => {
+                outbox.touch();
+                outbox.pong(Bytes::copy_from_slice(&frame.payload));
+            }
             OpCode::Close => outbox.echo_close(Bytes::copy_from_slice(&frame.payload)),
             _ => {}
         }
@@ -429,6 +435,11 @@ impl Session {
                     .encode(),
                 );
             }
+            Err(AuthError::SubjectChanged) => {
+                // Another user's token on this connection: end it.
+                self.node.metrics.auth_failed(&AuthError::SubjectChanged);
+                self.outbox.close(CloseCode::Forbidden);
+            }
             Err(error) => {
                 self.node.metrics.auth_failed(&error);
                 self.node.metrics.client_error(ErrorCode::InvalidToken);
@@ -520,10 +531,11 @@ where
             }
         });
         if !buffer.is_empty() {
-            match tokio::time::timeout(settings.write_timeout, io.write_all(&buffer)).await {
-                Ok(Ok(())) => node.metrics.frames_delivered(drained.messages),
-                Ok(Err(_)) => return "connection_lost",
-                Err(_) => return CloseCode::SlowConsumer.reason(),
+            match write_with_progress(&mut io, &buffer, settings.write_timeout).await {
+                Ok(()) => node.metrics.frames_delivered(drained.messages),
+                Err(WriteFailure::Lost) => return "connection_lost",
+                // The socket is stuck, so no close frame can be sent either.
+                Err(WriteFailure::Stalled) => return CloseCode::SlowConsumer.reason(),
             }
             buffer.clear();
             if buffer.capacity() > KEPT_WRITE_BUFFER {
@@ -556,6 +568,31 @@ where
             _ = &mut timer => {}
         }
     }
+}
+
+enum WriteFailure {
+    Lost,
+    Stalled,
+}
+
+/// Writes all of `buffer`, failing when a single write makes no progress for
+/// `timeout` (`limits.write_timeout`), however long the whole takes.
+async fn write_with_progress<W>(
+    io: &mut W,
+    mut buffer: &[u8],
+    timeout: Duration,
+) -> Result<(), WriteFailure>
+where
+    W: AsyncWrite + Unpin,
+{
+    while !buffer.is_empty() {
+        match tokio::time::timeout(timeout, io.write(buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(WriteFailure::Lost),
+            Ok(Ok(written)) => buffer = &buffer[written..],
+            Err(_) => return Err(WriteFailure::Stalled),
+        }
+    }
+    Ok(())
 }
 
 /// Converts a Unix time in seconds into a deadline on the tokio clock.

@@ -203,6 +203,29 @@ impl Hub {
         entry.subscribers.len()
     }
 
+    /// Tells every local subscriber of `channels` that messages may have been
+    /// missed: one `gap` frame per connection listing its affected channels.
+    /// Returns how many connections were told.
+    pub fn send_gap(&self, channels: &[Arc<str>]) -> usize {
+        let mut affected: HashMap<ConnectionId, (Arc<Outbox>, Vec<String>)> = HashMap::new();
+        for channel in channels {
+            let shard = read(self.shard(channel));
+            if let Some(entry) = shard.get(&**channel) {
+                for (connection, outbox) in &entry.subscribers {
+                    affected
+                        .entry(*connection)
+                        .or_insert_with(|| (outbox.clone(), Vec::new()))
+                        .1
+                        .push(channel.to_string());
+                }
+            }
+        }
+        for (outbox, channels) in affected.values() {
+            outbox.push_reply(protocol::ServerFrame::Gap { channels }.encode());
+        }
+        affected.len()
+    }
+
     /// Whether any local connection subscribes to `channel`.
     pub fn has_subscribers(&self, channel: &str) -> bool {
         read(self.shard(channel)).contains_key(channel)

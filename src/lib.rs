@@ -47,6 +47,7 @@ use tracing::info;
 use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::broker::memory::MemoryBroker;
+use crate::broker::redis::RedisBroker;
 use crate::config::{BrokerKind, Config, ConfigError};
 use crate::hub::{ConnectionId, Hub};
 use crate::metrics::Metrics;
@@ -57,7 +58,7 @@ pub enum StartError {
     #[error("invalid configuration: {0}")]
     Config(#[from] ConfigError),
     #[error("broker: {0}")]
-    Broker(String),
+    Broker(#[from] crate::broker::redis::RedisStartError),
 }
 
 /// A running node's shared state; cheap to clone.
@@ -92,12 +93,29 @@ async fn start(config: Config) -> Result<Node, StartError> {
     let id: Arc<str> = config.node_id().into();
     let auth = Authenticator::from_config(&config.auth)?;
     let metrics = Metrics::new(&id);
+    let shutdown = CancellationToken::new();
     let (hub, broker): (Hub, Arc<dyn Broker>) = match config.broker.kind {
         BrokerKind::Memory => {
             let hub = Hub::new(&config, metrics.clone(), false);
             (hub.clone(), Arc::new(MemoryBroker::new(hub)))
         }
+        BrokerKind::Redis | BrokerKind::RedisCluster => {
+            // rediss:// needs a process-wide TLS crypto provider; a second
+            // install (another node in this process) is harmless.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let hub = Hub::new(&config, metrics.clone(), true);
+            let broker = RedisBroker::start(
+                &config.broker,
+                &id,
+                hub.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            )
+            .await?;
+            (hub, Arc::new(broker))
+        }
     };
+    metrics.broker_connected(broker.is_ready());
     Ok(Arc::new(NodeState {
         id,
         auth,
@@ -107,7 +125,7 @@ async fn start(config: Config) -> Result<Node, StartError> {
         draining: AtomicBool::new(false),
         next_connection_id: AtomicU64::new(1),
         connection_slots: Arc::new(Semaphore::new(config.limits.max_connections)),
-        shutdown: CancellationToken::new(),
+        shutdown,
         tracker: TaskTracker::new(),
         config,
     }))

@@ -188,7 +188,9 @@ fn serve(config: Config, banner: Option<String>) -> ExitCode {
         Err(error) => {
             eprintln!("herald: {error:#}");
             match error.downcast_ref::<herald::StartError>() {
-                Some(herald::StartError::Config(_)) => ExitCode::from(EXIT_INVALID_CONFIG as u8),
+                Some(herald::StartError::Config(_) | herald::StartError::Broker(_)) => {
+                    ExitCode::from(EXIT_INVALID_CONFIG as u8)
+                }
                 _ => ExitCode::FAILURE,
             }
         }

@@ -4,7 +4,12 @@
 
 use std::sync::Arc;
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
 
 use crate::auth::AuthError;
 use crate::config::SlowPolicy;
@@ -31,6 +36,12 @@ struct Inner {
     auth_failures: IntCounterVec,
     client_errors: IntCounterVec,
     http_requests: IntCounterVec,
+    broker_connected: IntGauge,
+    broker_reconnects: IntCounter,
+    broker_resubscribed_channels: IntCounter,
+    gap_notices: IntCounter,
+    broker_probe_failures: IntCounter,
+    broker_roundtrip: Histogram,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -139,6 +150,46 @@ impl Metrics {
                 "HTTP requests, by route and status.",
                 &["route", "status"],
             ),
+            broker_connected: gauge(
+                r,
+                "broker_connected",
+                "1 while the node is connected and subscribed to its broker.",
+            ),
+            broker_reconnects: counter(
+                r,
+                "broker_reconnects_total",
+                "Reconnections to the broker after a loss.",
+            ),
+            broker_resubscribed_channels: counter(
+                r,
+                "broker_resubscribed_channels_total",
+                "Channels resubscribed after reconnecting to the broker.",
+            ),
+            gap_notices: counter(
+                r,
+                "gap_notices_total",
+                "Gap frames sent to clients after a broker outage.",
+            ),
+            broker_probe_failures: counter(
+                r,
+                "broker_probe_failures_total",
+                "Probes that did not come back from the broker in time.",
+            ),
+            broker_roundtrip: {
+                let metric = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "broker_roundtrip_seconds",
+                        "Redis round trips: probe publish-to-receive and subscribe commands.",
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    ]),
+                )
+                .expect("valid metric");
+                r.register(Box::new(metric.clone()))
+                    .expect("metric registered once");
+                metric
+            },
             registry,
         };
         Metrics {
@@ -227,5 +278,27 @@ impl Metrics {
             .http_requests
             .with_label_values(&[route, &status.to_string()])
             .inc();
+    }
+
+    pub fn broker_connected(&self, connected: bool) {
+        self.inner.broker_connected.set(i64::from(connected));
+    }
+
+    /// A reconnection that resubscribed `channels` channels.
+    pub fn broker_reconnected(&self, channels: u64) {
+        self.inner.broker_reconnects.inc();
+        self.inner.broker_resubscribed_channels.inc_by(channels);
+    }
+
+    pub fn gap_notices(&self, count: u64) {
+        self.inner.gap_notices.inc_by(count);
+    }
+
+    pub fn broker_probe_failed(&self) {
+        self.inner.broker_probe_failures.inc();
+    }
+
+    pub fn broker_roundtrip(&self, elapsed: Duration) {
+        self.inner.broker_roundtrip.observe(elapsed.as_secs_f64());
     }
 }

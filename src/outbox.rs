@@ -381,9 +381,11 @@ impl Outbox {
         self.notify.notified().await
     }
 
-    /// Records that the client sent a frame.
+    /// Records that the client sent a frame. Rounded up to the next
+    /// millisecond, so that an answer arriving within the millisecond of a
+    /// ping still counts as after it.
     pub fn touch(&self) {
-        let elapsed = self.epoch.elapsed().as_millis() as u64;
+        let elapsed = self.epoch.elapsed().as_millis() as u64 + 1;
         self.last_activity_ms.store(elapsed, Ordering::Relaxed);
     }
 

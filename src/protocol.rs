@@ -21,13 +21,11 @@ pub enum CloseCode {
     GoingAway,
     /// 1002: the client broke RFC 6455. Fix the client.
     ProtocolError,
-    /// 1003: the client sent a frame type herald does not accept.
-    UnsupportedData,
     /// 1007: a text message was not valid UTF-8.
     InvalidPayload,
     /// 1009: a client message was larger than `limits.max_message_bytes`.
     MessageTooBig,
-    /// 1011: an unexpected server error. Reconnect with backoff.
+    /// 1011: an unexpected server error (a session task failed). Reconnect with backoff.
     InternalError,
     /// 4001: the token expired without a refresh. Get a new token, then reconnect.
     TokenExpired,
@@ -35,7 +33,7 @@ pub enum CloseCode {
     SlowConsumer,
     /// 4003: no frame arrived within `ping.timeout` of a ping. Reconnect.
     PingTimeout,
-    /// 4004: the token no longer allows this connection. Do not reconnect with it.
+    /// 4004: a refresh presented another subject's token. Do not reconnect with it.
     Forbidden,
     /// 4005: the client exceeded a request limit. Reconnect after a backoff.
     PolicyViolation,
@@ -47,7 +45,6 @@ impl CloseCode {
             CloseCode::Normal => 1000,
             CloseCode::GoingAway => 1001,
             CloseCode::ProtocolError => 1002,
-            CloseCode::UnsupportedData => 1003,
             CloseCode::InvalidPayload => 1007,
             CloseCode::MessageTooBig => 1009,
             CloseCode::InternalError => 1011,
@@ -65,7 +62,6 @@ impl CloseCode {
             CloseCode::Normal => "normal",
             CloseCode::GoingAway => "shutdown",
             CloseCode::ProtocolError => "protocol_error",
-            CloseCode::UnsupportedData => "unsupported_data",
             CloseCode::InvalidPayload => "invalid_payload",
             CloseCode::MessageTooBig => "message_too_big",
             CloseCode::InternalError => "internal_error",
@@ -82,7 +78,6 @@ impl CloseCode {
         !matches!(
             self,
             CloseCode::ProtocolError
-                | CloseCode::UnsupportedData
                 | CloseCode::InvalidPayload
                 | CloseCode::MessageTooBig
                 | CloseCode::Forbidden

@@ -5,6 +5,7 @@
 //! broker is the embedded default; the Redis brokers come with cross-node fan-out.
 
 pub mod memory;
+pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;

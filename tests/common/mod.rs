@@ -3,6 +3,8 @@
 //! misbehaving peers, and a small HTTP client.
 #![allow(dead_code)]
 
+pub mod redis_server;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -46,6 +48,10 @@ impl TestNode {
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestNode {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(std::env::var("HERALD_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .with_test_writer()
+            .try_init();
         let mut config = test_config();
         adjust(&mut config);
         config.validate().expect("test configuration is valid");

@@ -1,0 +1,385 @@
+//! Real `redis-server` processes on free ports, started and stopped by the
+//! tests themselves: never a Redis the user already runs.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const INSTALL_HINT: &str = "the Redis tests need the `redis-server` binary on PATH; install it with \
+     `apt-get install redis-server` (Debian/Ubuntu), `dnf install redis` (Fedora) or `brew install redis` (macOS)";
+
+fn require_binary(name: &str) {
+    if Command::new(name)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_err()
+    {
+        panic!("{name} not found: {INSTALL_HINT}");
+    }
+}
+
+/// A port that is free now, with port + 10000 free as well (Redis Cluster's bus).
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed =
+        (std::process::id() as u64 * 7919 + NEXT.fetch_add(1, Ordering::SeqCst) * 131) % 20_000;
+    for offset in 0..20_000u64 {
+        let port = 20_000 + ((seed + offset * 7) % 25_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no free port");
+}
+
+/// One `redis-server` process.
+pub struct RedisServer {
+    pub port: u16,
+    dir: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(args: &[&str]) -> RedisServer {
+        Self::start_on(free_port(), args)
+    }
+
+    pub fn start_on(port: u16, args: &[&str]) -> RedisServer {
+        require_binary("redis-server");
+        let dir = std::env::temp_dir().join(format!("herald-redis-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut server = RedisServer {
+            port,
+            dir,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--dir", self.dir.to_str().unwrap()])
+            .args(&self.args)
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server: {e}; {INSTALL_HINT}"));
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+                let password = self.password();
+                let command = match &password {
+                    Some(p) => format!("AUTH {p}\r\nPING\r\n"),
+                    None => "PING\r\n".to_owned(),
+                };
+                if stream.write_all(command.as_bytes()).is_ok() {
+                    let mut reply = [0u8; 64];
+                    if let Ok(n) = stream.read(&mut reply) {
+                        if String::from_utf8_lossy(&reply[..n]).contains("PONG") {
+                            return;
+                        }
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {} did not start",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn password(&self) -> Option<String> {
+        let index = self.args.iter().position(|a| a == "--requirepass")?;
+        self.args.get(index + 1).cloned()
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Channels the server has subscribers for, without herald's probe channels.
+pub async fn pubsub_channels(
+    connection: &mut redis::aio::MultiplexedConnection,
+    command: &str,
+) -> Vec<String> {
+    let mut channels: Vec<String> = redis::cmd("PUBSUB")
+        .arg(command)
+        .query_async(connection)
+        .await
+        .unwrap();
+    channels.retain(|c| !c.contains('#'));
+    channels.sort();
+    channels
+}
+
+/// Polls `PUBSUB <command>` until it equals `expected`.
+pub async fn eventually_channels(
+    connection: &mut redis::aio::MultiplexedConnection,
+    command: &str,
+    expected: &[&str],
+) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let channels = pubsub_channels(connection, command).await;
+        if channels == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "PUBSUB {command} is {channels:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Three primaries forming a Redis Cluster with all 16384 slots assigned.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub async fn start() -> RedisCluster {
+        require_binary("redis-cli");
+        let args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+        ];
+        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_with(&args)).collect();
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let status = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "redis-cli --cluster create failed");
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// Waits until every node reports `cluster_state:ok`.
+    pub async fn wait_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for node in &self.nodes {
+            loop {
+                let info: Result<String, _> = async {
+                    let mut connection = redis::Client::open(node.url())?
+                        .get_multiplexed_async_connection()
+                        .await?;
+                    redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async::<String>(&mut connection)
+                        .await
+                }
+                .await;
+                if info
+                    .map(|i| i.contains("cluster_state:ok"))
+                    .unwrap_or(false)
+                {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster did not reach cluster_state:ok"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.url()).collect()
+    }
+
+    /// The index of the node serving `channel`'s slot.
+    pub async fn owner_of(&self, channel: &str) -> usize {
+        let mut connection = self.nodes[0].connection().await;
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(channel)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        let slots: redis::Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        let redis::Value::Array(ranges) = slots else {
+            panic!("CLUSTER SLOTS: {slots:?}")
+        };
+        for range in ranges {
+            let redis::Value::Array(fields) = range else {
+                continue;
+            };
+            let (redis::Value::Int(start), redis::Value::Int(end)) = (&fields[0], &fields[1])
+            else {
+                continue;
+            };
+            if (*start..=*end).contains(&slot) {
+                let redis::Value::Array(primary) = &fields[2] else {
+                    continue;
+                };
+                let redis::Value::Int(port) = primary[1] else {
+                    continue;
+                };
+                return self
+                    .nodes
+                    .iter()
+                    .position(|n| i64::from(n.port) == port)
+                    .unwrap();
+            }
+        }
+        panic!("no owner for slot {slot}");
+    }
+}
+
+/// A TCP proxy in front of Redis that can silently stall the connections it
+/// already carries: bytes stop flowing, but nothing is closed, as when a
+/// replica is failed over behind a load balancer.
+pub struct StallingProxy {
+    pub port: u16,
+    /// Connections opened before this generation are stalled.
+    stalled_before: Arc<AtomicU64>,
+    generation: Arc<AtomicU64>,
+}
+
+impl StallingProxy {
+    pub async fn start(target_port: u16) -> StallingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stalled_before = Arc::new(AtomicU64::new(0));
+        let generation = Arc::new(AtomicU64::new(0));
+        let (stalled, generations) = (stalled_before.clone(), generation.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let this = generations.fetch_add(1, Ordering::SeqCst) + 1;
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(pump(client_read, server_write, this, stalled.clone()));
+                tokio::spawn(pump(server_read, client_write, this, stalled.clone()));
+            }
+        });
+        StallingProxy {
+            port,
+            stalled_before,
+            generation,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Freezes every connection open now; new ones flow normally.
+    pub fn stall_current(&self) {
+        self.stalled_before
+            .store(self.generation.load(Ordering::SeqCst) + 1, Ordering::SeqCst);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    generation: u64,
+    stalled_before: Arc<AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while generation < stalled_before.load(Ordering::SeqCst) {
+            // Stalled: hold the bytes forever, close nothing.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+}
