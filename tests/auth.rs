@@ -282,13 +282,21 @@ async fn expiry_closes_unless_refreshed() {
         "{reply}"
     );
 
-    // A refresh for another subject is refused and changes nothing.
+    // A refresh that is not valid is refused and changes nothing.
     let reply = refreshed
-        .request(
-            json!({"op": "refresh", "token": hs256(with(valid_claims(), "sub", json!("mallory")))}),
-        )
+        .request(json!({"op": "refresh", "token": hs256(with(valid_claims(), "exp", json!(now() - 60)))}))
         .await;
     assert_eq!(reply["error"]["code"], "invalid_token", "{reply}");
+    // Another subject's token ends the connection.
+    let mut hijacked = Client::connect(&node.ws_url(&hs256(valid_claims()))).await;
+    let mallory = hs256(with(valid_claims(), "sub", json!("mallory")));
+    hijacked
+        .send_json(json!({"op": "refresh", "id": 1, "token": mallory}))
+        .await;
+    assert_eq!(
+        hijacked.expect_close().await,
+        (4004, "forbidden".to_owned())
+    );
 
     let (code, reason) = lapsing.expect_close_within(Duration::from_secs(4)).await;
     assert_eq!((code, reason.as_str()), (4001, "token_expired"));
