@@ -26,6 +26,7 @@ const LIST_KEYS: &[&str] = &[
     "auth.algorithms",
     "auth.user_channels",
     "server.allowed_origins",
+    "server.trusted_proxies",
     "broker.cluster_urls",
 ];
 
@@ -119,6 +120,15 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// The largest request head (request line and headers) accepted, in bytes.
     pub max_header_bytes: usize,
+    /// Origins allowed to open WebSockets: `https://app.example.com`,
+    /// `https://*.example.com` (subdomains at any depth) or `*`. Empty allows
+    /// all. Requests without an Origin header (non-browser clients) are allowed.
+    pub allowed_origins: Vec<String>,
+    /// A header such as `x-forwarded-for` carrying the client IP, honoured only
+    /// from `trusted_proxies`.
+    pub trusted_proxy_header: Option<String>,
+    /// Peers (IPs or CIDRs) whose `trusted_proxy_header` is believed.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -127,6 +137,9 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
+            allowed_origins: Vec::new(),
+            trusted_proxy_header: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -322,6 +335,18 @@ impl Default for ShutdownConfig {
 pub struct LimitsConfig {
     /// Open WebSocket connections per node.
     pub max_connections: usize,
+    /// Open WebSocket connections per client IP; 0 (the default) for no limit.
+    /// Behind a load balancer, set `server.trusted_proxy_header` first, or
+    /// every client shares the balancer's address.
+    pub max_connections_per_ip: usize,
+    /// New WebSocket connections per second per node, on average.
+    pub connection_rate: f64,
+    /// New WebSocket connections allowed in a burst above `connection_rate`.
+    pub connection_burst: usize,
+    /// Client messages (requests and pings) per second per connection, on average.
+    pub requests_per_second: f64,
+    /// Client messages allowed in a burst above `requests_per_second`.
+    pub request_burst: usize,
     /// Messages waiting in one connection's outbound queue.
     pub queue_messages: usize,
     /// Bytes waiting in one connection's outbound queue.
@@ -341,6 +366,11 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_connections: 20_000,
+            max_connections_per_ip: 0,
+            connection_rate: 10_000.0,
+            connection_burst: 10_000,
+            requests_per_second: 50.0,
+            request_burst: 100,
             queue_messages: 1024,
             queue_bytes: 1024 * 1024,
             max_message_bytes: 64 * 1024,
@@ -524,6 +554,19 @@ impl Config {
         )?;
         at_least("auth.max_token_bytes", self.auth.max_token_bytes, 64)?;
         at_least("limits.max_connections", self.limits.max_connections, 1)?;
+        at_least("limits.connection_burst", self.limits.connection_burst, 1)?;
+        at_least("limits.request_burst", self.limits.request_burst, 1)?;
+        for (key, rate) in [
+            ("limits.connection_rate", self.limits.connection_rate),
+            (
+                "limits.requests_per_second",
+                self.limits.requests_per_second,
+            ),
+        ] {
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(ConfigError::invalid(key, "must be a positive number"));
+            }
+        }
         at_least("limits.queue_messages", self.limits.queue_messages, 1)?;
         at_least("limits.queue_bytes", self.limits.queue_bytes, 1024)?;
         at_least(
@@ -574,6 +617,7 @@ impl Config {
         }
         // The keys themselves are parsed and checked by `auth::Authenticator`.
         crate::auth::Authenticator::from_config(&self.auth)?;
+        crate::admission::Admission::from_config(self)?;
         Ok(())
     }
 

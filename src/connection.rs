@@ -11,7 +11,6 @@
 //! and fastwebsockets' 8 KiB read buffer (see ARCHITECTURE.md).
 
 use std::collections::{HashMap, HashSet};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,10 +29,12 @@ use crate::Node;
 use crate::auth::{AuthError, Principal};
 use crate::channel;
 use crate::hub::ConnectionId;
+use crate::inbound::{self, MaskGuard};
 use crate::outbox::{ChannelKey, Closing, Outbox, QueueLimits};
 use crate::protocol::{
     self, ChannelError, CloseCode, ErrorCode, Opcode, ReplyError, Request, RequestId, ServerFrame,
 };
+use crate::rate::TokenBucket;
 
 /// How long the node waits for the client's answer to its close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -140,8 +141,11 @@ where
         .instrument(tracing::Span::current()),
     );
 
-    let (mut ws, _) =
-        fastwebsockets::after_handshake_split(reader, tokio::io::sink(), Role::Server);
+    let (mut ws, _) = fastwebsockets::after_handshake_split(
+        MaskGuard::new(reader),
+        tokio::io::sink(),
+        Role::Server,
+    );
     // fastwebsockets refuses a frame of exactly its maximum; herald's limit is inclusive.
     ws.set_max_message_size(limits.max_message_bytes + 1);
     let mut session = Session {
@@ -194,22 +198,44 @@ where
     R: AsyncRead + Unpin,
 {
     let outbox = session.outbox.clone();
-    let max_message = session.node.config.limits.max_message_bytes;
+    let limits = &session.node.config.limits;
+    let max_message = limits.max_message_bytes;
+    // Every message and ping from the client takes a token. A mutex only
+    // because the future must be Send; the reader is its one user.
+    let requests = std::sync::Mutex::new(TokenBucket::new(
+        limits.requests_per_second,
+        limits.request_burst as f64,
+        Instant::now(),
+    ));
+    let take_token = || {
+        requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .try_take(Instant::now())
+    };
     // A fragmented message being assembled: its opcode and bytes so far.
     let mut fragments: Option<(OpCode, Vec<u8>)> = None;
     // The automatic pong and close replies go to the writer, never to the
     // socket. fastwebsockets answers client pings without returning them, so
     // this is also where a client ping counts as activity.
     let mut obligated = |frame: Frame<'_>| {
-        match frame.opcode {
+        let result = match frame.opcode {
             OpCode::Pong => {
                 outbox.touch();
-                outbox.pong(Bytes::copy_from_slice(&frame.payload));
+                if take_token() {
+                    outbox.pong(Bytes::copy_from_slice(&frame.payload));
+                    Ok(())
+                } else {
+                    Err(RequestFlood)
+                }
             }
-            OpCode::Close => outbox.echo_close(Bytes::copy_from_slice(&frame.payload)),
-            _ => {}
-        }
-        std::future::ready(Ok::<(), Infallible>(()))
+            OpCode::Close => {
+                outbox.echo_close(Bytes::copy_from_slice(&frame.payload));
+                Ok(())
+            }
+            _ => Ok(()),
+        };
+        std::future::ready(result)
     };
     loop {
         let frame = match ws.read_frame(&mut obligated).await {
@@ -223,6 +249,9 @@ where
             OpCode::Text | OpCode::Binary => {
                 if fragments.is_some() {
                     return ReaderExit::Violation(CloseCode::ProtocolError);
+                }
+                if !take_token() {
+                    return ReaderExit::Violation(CloseCode::PolicyViolation);
                 }
                 if frame.fin {
                     session.on_message(frame.opcode, &frame.payload).await;
@@ -251,8 +280,19 @@ where
     }
 }
 
+/// A client exceeded `limits.requests_per_second` with pings.
+#[derive(Debug, thiserror::Error)]
+#[error("request rate exceeded")]
+struct RequestFlood;
+
 fn reader_error(error: WebSocketError) -> ReaderExit {
     match error {
+        WebSocketError::IoError(error) if inbound::is_unmasked_frame(&error) => {
+            ReaderExit::Violation(CloseCode::ProtocolError)
+        }
+        WebSocketError::SendError(error) if error.is::<RequestFlood>() => {
+            ReaderExit::Violation(CloseCode::PolicyViolation)
+        }
         WebSocketError::UnexpectedEOF
         | WebSocketError::IoError(_)
         | WebSocketError::ConnectionClosed => ReaderExit::Lost,

@@ -21,6 +21,7 @@
 
 #![forbid(unsafe_code)]
 
+mod admission;
 pub mod auth;
 pub mod broker;
 pub mod channel;
@@ -28,9 +29,11 @@ pub mod config;
 mod connection;
 mod http;
 pub mod hub;
+mod inbound;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
+mod rate;
 mod server;
 pub mod shutdown;
 
@@ -39,11 +42,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
+use crate::admission::Admission;
 use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::broker::memory::MemoryBroker;
@@ -75,8 +78,8 @@ pub(crate) struct NodeState {
     /// Set when the drain starts: `/readyz` fails and upgrades are refused.
     draining: AtomicBool,
     next_connection_id: AtomicU64,
-    /// One permit per open WebSocket (`limits.max_connections`).
-    connection_slots: Arc<Semaphore>,
+    /// Origin, connection-count and connection-rate checks for upgrades.
+    admission: Admission,
     /// Cancelled when the drain starts.
     shutdown: CancellationToken,
     /// Every HTTP connection and WebSocket session, for the drain.
@@ -124,7 +127,7 @@ async fn start(config: Config) -> Result<Node, StartError> {
         metrics,
         draining: AtomicBool::new(false),
         next_connection_id: AtomicU64::new(1),
-        connection_slots: Arc::new(Semaphore::new(config.limits.max_connections)),
+        admission: Admission::from_config(&config)?,
         shutdown,
         tracker: TaskTracker::new(),
         config,

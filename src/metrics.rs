@@ -36,6 +36,7 @@ struct Inner {
     auth_failures: IntCounterVec,
     client_errors: IntCounterVec,
     http_requests: IntCounterVec,
+    http_connection_errors: IntCounterVec,
     broker_connected: IntGauge,
     broker_reconnects: IntCounter,
     broker_resubscribed_channels: IntCounter,
@@ -149,6 +150,12 @@ impl Metrics {
                 "http_requests_total",
                 "HTTP requests, by route and status.",
                 &["route", "status"],
+            ),
+            http_connection_errors: counter_vec(
+                r,
+                "http_connection_errors_total",
+                "HTTP connections dropped before a response: header_timeout, header_too_large, malformed, io.",
+                &["reason"],
             ),
             broker_connected: gauge(
                 r,
@@ -277,6 +284,13 @@ impl Metrics {
         self.inner
             .http_requests
             .with_label_values(&[route, &status.to_string()])
+            .inc();
+    }
+
+    pub fn http_connection_error(&self, reason: &str) {
+        self.inner
+            .http_connection_errors
+            .with_label_values(&[reason])
             .inc();
     }
 

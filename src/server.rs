@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::Node;
+use crate::admission::Refusal;
 use crate::auth::AuthError;
 use crate::channel;
 use crate::connection;
@@ -69,7 +70,17 @@ async fn serve_http(stream: TcpStream, peer: SocketAddr, node: Node) {
     tokio::select! {
         result = connection.as_mut() => {
             if let Err(error) = result {
-                debug!(%error, %peer, "http connection ended");
+                let reason = if error.is_timeout() {
+                    "header_timeout"
+                } else if error.is_parse_too_large() {
+                    "header_too_large"
+                } else if error.is_parse() {
+                    "malformed"
+                } else {
+                    "io"
+                };
+                node.metrics.http_connection_error(reason);
+                debug!(%error, %peer, reason, "http connection ended");
             }
         }
         _ = node.shutdown.cancelled() => {
@@ -173,18 +184,38 @@ fn websocket(mut request: Request<Incoming>, node: &Node, peer: SocketAddr) -> R
             ),
         );
     }
-    let permit = match node.connection_slots.clone().try_acquire_owned() {
-        Ok(permit) => permit,
-        Err(_) => {
-            let mut response = http::error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "max_connections",
-                "the node is at its connection limit",
-            );
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-            return rejected(node, "max_connections", response);
+    let admission = node
+        .admission
+        .check_origin(request.headers())
+        .and_then(|()| {
+            node.admission
+                .admit(node.admission.client_ip(peer.ip(), request.headers()))
+        });
+    let admitted = match admission {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            let (status, message) = match refusal {
+                Refusal::Origin => (StatusCode::FORBIDDEN, "this Origin may not connect"),
+                Refusal::NodeFull => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the node is at its connection limit",
+                ),
+                Refusal::PerIp => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many connections from this address",
+                ),
+                Refusal::Rate(_) => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many new connections; retry later",
+                ),
+            };
+            let mut response = http::error(status, refusal.reason(), message);
+            if let Some(seconds) = refusal.retry_after_secs() {
+                response
+                    .headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from(seconds));
+            }
+            return rejected(node, refusal.reason(), response);
         }
     };
     let principal = match token(&request, &offered).and_then(|token| node.auth.authenticate(token))
@@ -219,8 +250,8 @@ fn websocket(mut request: Request<Incoming>, node: &Node, peer: SocketAddr) -> R
     }
     let session_node = node.clone();
     node.tracker.spawn(async move {
-        // The slot is held for as long as the connection lives.
-        let _permit = permit;
+        // The slots are held for as long as the connection lives.
+        let _admitted = admitted;
         connection::serve(session_node, upgrade, principal, peer).await;
     });
     Response::from_parts(parts, Body::default())

@@ -1,0 +1,562 @@
+//! Load and abuse: slow-consumer policies, inbound limits, admission, handshake
+//! and Origin checks. Each limit is set low so that each test is quick.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis_server::RedisServer;
+use common::{Client, PATIENCE, RawClient, TestNode, eventually_metric, http_full, metric, token};
+use herald::config::{BrokerKind, ChannelRule, Config, RedisUrl, SlowPolicy};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+fn rule(pattern: &str, policy: SlowPolicy, max_rate_hz: Option<f64>) -> ChannelRule {
+    ChannelRule {
+        pattern: pattern.into(),
+        policy,
+        max_rate_hz,
+    }
+}
+
+fn use_redis(config: &mut Config, redis: &RedisServer) {
+    config.broker.kind = BrokerKind::Redis;
+    config.broker.url = Some(RedisUrl::new(redis.url()));
+}
+
+/// A raw client subscribed to `channel` that then stops reading.
+async fn stalled_subscriber(node: &TestNode, channel: &str) -> RawClient {
+    let mut raw = RawClient::connect(node.addr, &format!("/ws?token={}", token("u", &["*"]))).await;
+    let request = json!({"op": "subscribe", "id": 1, "channels": [channel]}).to_string();
+    raw.send_frame(true, 0x1, request.as_bytes(), true).await;
+    loop {
+        let (_, payload) = raw.read_frame().await.expect("reply");
+        if serde_json::from_slice::<Value>(&payload).unwrap()["type"] == "reply" {
+            return raw;
+        }
+    }
+}
+
+/// Reads a raw client's message frames until `done` says stop; panics on a close frame.
+async fn read_messages_until(raw: &mut RawClient, mut done: impl FnMut(&Value) -> bool) -> usize {
+    let mut count = 0;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let (opcode, payload) = raw.read_frame().await.expect("still connected");
+            assert_ne!(opcode, 0x8, "closed: {:?}", &payload.get(..2));
+            if opcode != 0x1 {
+                continue;
+            }
+            let frame: Value = serde_json::from_slice(&payload).unwrap();
+            if frame["type"] == "message" {
+                count += 1;
+                if done(&frame) {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the newest message arrives");
+    count
+}
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+async fn redis_publish_many(
+    redis: &RedisServer,
+    channel: &str,
+    payloads: impl Iterator<Item = String>,
+) {
+    let mut connection = redis.connection().await;
+    let mut pipeline = redis::pipe();
+    let mut queued = 0;
+    for payload in payloads {
+        pipeline.cmd("PUBLISH").arg(channel).arg(payload).ignore();
+        queued += 1;
+        if queued == 1000 {
+            pipeline.query_async::<()>(&mut connection).await.unwrap();
+            pipeline = redis::pipe();
+            queued = 0;
+        }
+    }
+    if queued > 0 {
+        pipeline.query_async::<()>(&mut connection).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn conflate_delivers_the_newest_value_with_bounded_memory() {
+    let redis = RedisServer::start();
+    let node = TestNode::start_with(|c| {
+        use_redis(c, &redis);
+        c.channels = vec![rule("ticker.*", SlowPolicy::Conflate, None)];
+        c.limits.queue_messages = 16;
+        c.limits.write_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let mut stalled = stalled_subscriber(&node, "ticker.AAPL").await;
+    let before = rss_bytes();
+    let total = 100_000;
+    let pad = "p".repeat(500);
+    redis_publish_many(
+        &redis,
+        "ticker.AAPL",
+        (0..total).map(|seq| json!({"seq": seq, "pad": pad}).to_string()),
+    )
+    .await;
+    eventually_metric(&node, "herald_messages_received_total", total as f64).await;
+    let growth = rss_bytes().saturating_sub(before);
+    // 100k messages of ~520 bytes would be ~52 MB if they were all kept.
+    assert!(growth < 20 << 20, "RSS grew by {} MB", growth >> 20);
+
+    let received =
+        read_messages_until(&mut stalled, |frame| frame["data"]["seq"] == total - 1).await;
+    assert!(
+        received < total as usize / 2,
+        "conflation kept {received} of {total}"
+    );
+    let metrics = node.metrics().await;
+    assert!(
+        metric(
+            &metrics,
+            "herald_messages_dropped_total{reason=\"conflated\",policy=\"conflate\"}"
+        ) > 0.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "herald_disconnects_total{reason=\"slow_consumer\"}"
+        ),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn drop_oldest_keeps_the_connection_and_the_newest_messages() {
+    let redis = RedisServer::start();
+    let node = TestNode::start_with(|c| {
+        use_redis(c, &redis);
+        c.channels = vec![rule("news.*", SlowPolicy::DropOldest, None)];
+        c.limits.queue_messages = 8;
+        c.limits.write_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let mut stalled = stalled_subscriber(&node, "news.world").await;
+    let total = 600;
+    let pad = "p".repeat(32 * 1024);
+    redis_publish_many(
+        &redis,
+        "news.world",
+        (0..total).map(|seq| json!({"seq": seq, "pad": pad}).to_string()),
+    )
+    .await;
+    eventually_metric(&node, "herald_messages_received_total", total as f64).await;
+    let mut last = -1i64;
+    let received = read_messages_until(&mut stalled, |frame| {
+        let seq = frame["data"]["seq"].as_i64().unwrap();
+        assert!(seq > last, "in order");
+        last = seq;
+        seq == total - 1
+    })
+    .await;
+    assert!(received < total as usize, "some were dropped");
+    let metrics = node.metrics().await;
+    assert!(
+        metric(
+            &metrics,
+            "herald_messages_dropped_total{reason=\"queue_full\",policy=\"drop_oldest\"}"
+        ) > 0.0
+    );
+}
+
+#[tokio::test]
+async fn max_rate_hz_caps_deliveries_and_the_newest_wins() {
+    let node = TestNode::start_with(|c| {
+        c.channels = vec![rule("slow.*", SlowPolicy::Disconnect, Some(5.0))]
+    })
+    .await;
+    let mut client = node.client(&["slow.*"]).await;
+    client.subscribe(&["slow.feed"]).await;
+    let started = Instant::now();
+    for n in 0..40 {
+        node.publish("slow.feed", json!(n)).await;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let mut seen = Vec::new();
+    while let Some(frame) = client.try_next_json(Duration::from_millis(400)).await {
+        seen.push(frame["data"].as_i64().unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    assert_eq!(seen.last(), Some(&39), "the newest is delivered: {seen:?}");
+    let allowed = (elapsed * 5.0).ceil() as usize + 1;
+    assert!(
+        seen.len() <= allowed,
+        "{} deliveries in {elapsed:.2}s: {seen:?}",
+        seen.len()
+    );
+    assert!(seen.len() >= 3, "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] < w[1]));
+}
+
+#[tokio::test]
+async fn oversize_fragmented_messages_are_closed_with_1009() {
+    let node = TestNode::start().await;
+    let path = format!("/ws?token={}", token("u", &["*"]));
+
+    // Three 30 KiB fragments: each is fine, the message (90 KiB) is not.
+    let mut raw = RawClient::connect(node.addr, &path).await;
+    let chunk = vec![b' '; 30 * 1024];
+    raw.send_frame(false, 0x1, &chunk, true).await;
+    raw.send_frame(false, 0x0, &chunk, true).await;
+    raw.send_frame(true, 0x0, &chunk, true).await;
+    assert_eq!(raw.expect_close(PATIENCE).await, 1009);
+
+    // A header declaring 1 TiB: refused at once, nothing allocated.
+    let mut raw = RawClient::connect(node.addr, &path).await;
+    let mut header = vec![0x81, 0x80 | 127];
+    header.extend_from_slice(&(1u64 << 40).to_be_bytes());
+    header.extend_from_slice(&[1, 2, 3, 4]);
+    raw.stream.write_all(&header).await.unwrap();
+    assert_eq!(raw.expect_close(PATIENCE).await, 1009);
+
+    // A message of exactly the limit is accepted.
+    let mut client = node.client(&["*"]).await;
+    let shell = r#"{"op":"ping","id":1,"pad":""}"#;
+    let exact = format!(
+        r#"{{"op":"ping","id":1,"pad":"{}"}}"#,
+        " ".repeat(64 * 1024 - shell.len())
+    );
+    assert_eq!(exact.len(), 64 * 1024);
+    client.send_text(&exact).await;
+    assert_eq!(client.next_json().await["type"], "pong");
+    eventually_metric(
+        &node,
+        "herald_disconnects_total{reason=\"message_too_big\"}",
+        2.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_request_flood_is_closed_with_4005() {
+    let node = TestNode::start_with(|c| {
+        c.limits.requests_per_second = 5.0;
+        c.limits.request_burst = 10;
+    })
+    .await;
+    let mut client = node.client(&["*"]).await;
+    for id in 0..30 {
+        client.send_json(json!({"op": "ping", "id": id})).await;
+    }
+    assert_eq!(
+        client.expect_close().await,
+        (4005, "policy_violation".to_owned())
+    );
+
+    // WebSocket pings count too.
+    let mut raw = RawClient::connect(node.addr, &format!("/ws?token={}", token("u", &["*"]))).await;
+    for _ in 0..30 {
+        raw.send_frame(true, 0x9, b"hi", true).await;
+    }
+    assert_eq!(raw.expect_close(PATIENCE).await, 4005);
+
+    // A client within the rate is untouched.
+    let mut polite = node.client(&["*"]).await;
+    for id in 0..5 {
+        assert_eq!(
+            polite.request(json!({"op": "ping", "id": id})).await["type"],
+            "pong"
+        );
+    }
+    eventually_metric(
+        &node,
+        "herald_disconnects_total{reason=\"policy_violation\"}",
+        2.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_channel_limit_refuses_one_more_and_the_connection_keeps_working() {
+    let node = TestNode::start_with(|c| c.limits.max_channels_per_connection = 3).await;
+    let mut client = node.client(&["*"]).await;
+    let reply = client.subscribe(&["a", "b", "c", "d"]).await;
+    assert_eq!(reply["channels"], json!(["a", "b", "c"]));
+    assert_eq!(reply["errors"][0]["channel"], "d");
+    assert_eq!(reply["errors"][0]["code"], "limit_exceeded");
+    assert_eq!(
+        client.subscribe(&["e"]).await["errors"][0]["code"],
+        "limit_exceeded"
+    );
+    assert_eq!(client.request(json!({"op": "ping"})).await["type"], "pong");
+    client.unsubscribe(&["a"]).await;
+    assert_eq!(client.subscribe(&["e"]).await["channels"], json!(["e"]));
+    node.publish("e", json!("ok")).await;
+    assert_eq!(client.next_json().await["data"], "ok");
+    let metrics = node.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "herald_client_errors_total{code=\"limit_exceeded\"}"
+        ),
+        2.0
+    );
+}
+
+/// A WebSocket upgrade with extra headers: the response status and JSON body.
+async fn upgrade(node: &TestNode, headers: &[(&str, &str)]) -> (u16, Value, Option<String>) {
+    let mut request = node
+        .ws_url(&token("u", &["*"]))
+        .into_client_request()
+        .unwrap();
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            hyper::header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((mut ws, response)) => {
+            // Keep the connection open until the end of the test.
+            let status = response.status().as_u16();
+            tokio::spawn(async move {
+                use futures_util::StreamExt;
+                while ws.next().await.is_some() {}
+            });
+            (status, Value::Null, None)
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body = response
+                .body()
+                .as_ref()
+                .map(|b| serde_json::from_slice(b).unwrap())
+                .unwrap_or(Value::Null);
+            (response.status().as_u16(), body, retry_after)
+        }
+        Err(error) => panic!("{error}"),
+    }
+}
+
+#[tokio::test]
+async fn admission_limits_refuse_before_the_upgrade() {
+    let node = TestNode::start_with(|c| c.limits.max_connections = 2).await;
+    assert_eq!(upgrade(&node, &[]).await.0, 101);
+    assert_eq!(upgrade(&node, &[]).await.0, 101);
+    let (status, body, retry_after) = upgrade(&node, &[]).await;
+    assert_eq!(
+        (status, body["error"].as_str(), retry_after.as_deref()),
+        (503, Some("max_connections"), Some("1"))
+    );
+
+    let node = TestNode::start_with(|c| {
+        c.limits.max_connections_per_ip = 1;
+        c.server.trusted_proxy_header = Some("x-forwarded-for".into());
+        c.server.trusted_proxies = vec!["127.0.0.0/8".into()];
+    })
+    .await;
+    assert_eq!(
+        upgrade(&node, &[("x-forwarded-for", "203.0.113.7")])
+            .await
+            .0,
+        101
+    );
+    let (status, body, retry_after) = upgrade(&node, &[("x-forwarded-for", "203.0.113.7")]).await;
+    assert_eq!(
+        (status, body["error"].as_str(), retry_after.is_some()),
+        (429, Some("max_connections_per_ip"), true)
+    );
+    // The proxy appends the real client last; a spoofed first entry is ignored.
+    assert_eq!(
+        upgrade(&node, &[("x-forwarded-for", "203.0.113.7, 198.51.100.1")])
+            .await
+            .0,
+        101
+    );
+
+    let node = TestNode::start_with(|c| {
+        c.limits.connection_rate = 1.0;
+        c.limits.connection_burst = 2;
+    })
+    .await;
+    assert_eq!(upgrade(&node, &[]).await.0, 101);
+    assert_eq!(upgrade(&node, &[]).await.0, 101);
+    let (status, body, retry_after) = upgrade(&node, &[]).await;
+    assert_eq!(
+        (status, body["error"].as_str(), retry_after.as_deref()),
+        (429, Some("connection_rate"), Some("1"))
+    );
+    let metrics = node.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "herald_connections_rejected_total{reason=\"connection_rate\"}"
+        ),
+        1.0
+    );
+    assert_eq!(metric(&metrics, "herald_connections_open"), 2.0);
+}
+
+#[tokio::test]
+async fn origins_are_checked_and_look_alikes_refused() {
+    let node = TestNode::start_with(|c| {
+        c.server.allowed_origins = vec![
+            "https://*.example.com".into(),
+            "http://localhost:3000".into(),
+        ];
+    })
+    .await;
+    for (origin, expected) in [
+        (Some("https://app.example.com"), 101),
+        (Some("https://deep.app.example.com"), 101),
+        (Some("http://localhost:3000"), 101),
+        (None, 101),
+        (Some("https://example.com.evil.com"), 403),
+        (Some("https://evil-example.com"), 403),
+        (Some("http://app.example.com"), 403),
+        (Some("https://evil.com"), 403),
+        (Some("null"), 403),
+    ] {
+        let headers: Vec<(&str, &str)> = origin.map(|o| vec![("origin", o)]).unwrap_or_default();
+        let (status, body, _) = upgrade(&node, &headers).await;
+        assert_eq!(status, expected, "{origin:?}");
+        if expected == 403 {
+            assert_eq!(body["error"], "forbidden_origin");
+        }
+    }
+}
+
+#[tokio::test]
+async fn malformed_upgrades_get_400_and_the_node_carries_on() {
+    let node = TestNode::start().await;
+    let path = format!("/ws?token={}", token("u", &["*"]));
+    let cases: [&[(&str, &str)]; 4] = [
+        &[
+            ("connection", "upgrade"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "13"),
+        ],
+        &[
+            ("upgrade", "websocket"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "13"),
+        ],
+        &[
+            ("upgrade", "websocket"),
+            ("connection", "upgrade"),
+            ("sec-websocket-version", "13"),
+        ],
+        &[
+            ("upgrade", "websocket"),
+            ("connection", "upgrade"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "8"),
+        ],
+    ];
+    for headers in cases {
+        let (status, _, body) = http_full(node.addr, "GET", &path, headers, String::new()).await;
+        assert_eq!(status, 400, "{headers:?}");
+        assert_eq!(
+            serde_json::from_str::<Value>(&body).unwrap()["error"],
+            "bad_handshake"
+        );
+    }
+    node.client(&["*"]).await;
+}
+
+#[tokio::test]
+async fn a_slowloris_client_is_dropped_at_the_header_timeout() {
+    let node =
+        TestNode::start_with(|c| c.server.header_read_timeout = Duration::from_millis(500)).await;
+    let mut stream = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let started = Instant::now();
+    let request = b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut closed = false;
+    for byte in request {
+        if stream.write_all(&[*byte]).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut buffer = [0u8; 256];
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(1), stream.read(&mut buffer)).await
+        {
+            if n == 0 || String::from_utf8_lossy(&buffer[..n]).starts_with("HTTP/1.1 408") {
+                closed = true;
+                break;
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    assert!(closed, "still open after {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(400) && elapsed < Duration::from_secs(2),
+        "{elapsed:?}"
+    );
+    eventually_metric(
+        &node,
+        "herald_http_connection_errors_total{reason=\"header_timeout\"}",
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn oversized_headers_are_refused() {
+    let node = TestNode::start_with(|c| c.server.max_header_bytes = 8192).await;
+    let mut stream = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let request = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let _ = stream.write_all(request.as_bytes()).await;
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431"),
+        "{text}"
+    );
+    eventually_metric(
+        &node,
+        "herald_http_connection_errors_total{reason=\"header_too_large\"}",
+        1.0,
+    )
+    .await;
+    // And the node still answers.
+    let (status, _, _) = http_full(node.addr, "GET", "/healthz", &[], String::new()).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn an_unmasked_frame_is_closed_with_1002() {
+    let node = TestNode::start().await;
+    let mut raw = RawClient::connect(node.addr, &format!("/ws?token={}", token("u", &["*"]))).await;
+    raw.send_frame(true, 0x1, br#"{"op":"ping","id":1}"#, false)
+        .await;
+    assert_eq!(raw.expect_close(PATIENCE).await, 1002);
+    eventually_metric(
+        &node,
+        "herald_disconnects_total{reason=\"protocol_error\"}",
+        1.0,
+    )
+    .await;
+    // Masked frames on another connection are fine.
+    let mut client: Client = node.client(&["*"]).await;
+    assert_eq!(client.request(json!({"op": "ping"})).await["type"], "pong");
+}
