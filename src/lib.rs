@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{Instrument, info};
 
 use crate::admission::Admission;
 use crate::auth::Authenticator;
@@ -141,12 +141,17 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
-    let node = start(config).await?;
-    let address = listener.local_addr().ok();
-    let accept = tokio::spawn(server::accept_loop(listener, node.clone()));
-    info!(node = %node.id, ?address, broker = ?node.config.broker.kind, "herald is listening");
-    shutdown.await;
-    shutdown::drain(&node, node.config.shutdown.timeout).await;
-    accept.abort();
-    Ok(())
+    let span = tracing::info_span!("node", node = %config.node_id());
+    async move {
+        let node = start(config).await?;
+        let address = listener.local_addr().ok();
+        let accept = tokio::spawn(server::accept_loop(listener, node.clone()).in_current_span());
+        info!(?address, broker = ?node.config.broker.kind, "herald is listening");
+        shutdown.await;
+        shutdown::drain(&node, node.config.shutdown.timeout).await;
+        accept.abort();
+        Ok(())
+    }
+    .instrument(span)
+    .await
 }

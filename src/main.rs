@@ -124,6 +124,11 @@ fn dev_config(file: Option<PathBuf>) -> Result<(Config, String), ConfigError> {
         .key
         .get_or_insert_with(|| Secret::new(random_hex(16)))
         .clone();
+    // A development node with generated secrets stays on loopback unless the
+    // listen address was configured.
+    if config.server.listen == herald::config::ServerConfig::default().listen {
+        config.server.listen.set_ip([127, 0, 0, 1].into());
+    }
     config.validate()?;
     let mut address = config.server.listen;
     if address.ip().is_unspecified() {

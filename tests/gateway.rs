@@ -212,23 +212,8 @@ async fn a_client_that_stops_reading_is_closed_and_its_neighbour_loses_nothing()
     let node = TestNode::start_with(|c| c.limits.queue_messages = 8).await;
     let mut healthy = node.client(&["feed"]).await;
     healthy.subscribe(&["feed"]).await;
-    let mut stalled =
-        RawClient::connect(node.addr, &format!("/ws?token={}", token("u", &["*"]))).await;
-    stalled
-        .send_frame(
-            true,
-            0x1,
-            br#"{"op":"subscribe","id":1,"channels":["feed"]}"#,
-            true,
-        )
-        .await;
-    // Wait for the subscribe reply, then stop reading.
-    loop {
-        let (_, payload) = stalled.read_frame().await.unwrap();
-        if serde_json::from_slice::<Value>(&payload).unwrap()["type"] == "reply" {
-            break;
-        }
-    }
+    // Subscribed, and from now on not reading.
+    let mut stalled = RawClient::subscribed(&node, "feed").await;
 
     let count = 300;
     let reader = tokio::spawn(async move {

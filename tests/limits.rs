@@ -25,19 +25,6 @@ fn use_redis(config: &mut Config, redis: &RedisServer) {
     config.broker.url = Some(RedisUrl::new(redis.url()));
 }
 
-/// A raw client subscribed to `channel` that then stops reading.
-async fn stalled_subscriber(node: &TestNode, channel: &str) -> RawClient {
-    let mut raw = RawClient::connect(node.addr, &format!("/ws?token={}", token("u", &["*"]))).await;
-    let request = json!({"op": "subscribe", "id": 1, "channels": [channel]}).to_string();
-    raw.send_frame(true, 0x1, request.as_bytes(), true).await;
-    loop {
-        let (_, payload) = raw.read_frame().await.expect("reply");
-        if serde_json::from_slice::<Value>(&payload).unwrap()["type"] == "reply" {
-            return raw;
-        }
-    }
-}
-
 /// Reads a raw client's message frames until `done` says stop; panics on a close frame.
 async fn read_messages_until(raw: &mut RawClient, mut done: impl FnMut(&Value) -> bool) -> usize {
     let mut count = 0;
@@ -105,7 +92,7 @@ async fn conflate_delivers_the_newest_value_with_bounded_memory() {
         c.limits.write_timeout = Duration::from_secs(120);
     })
     .await;
-    let mut stalled = stalled_subscriber(&node, "ticker.AAPL").await;
+    let mut stalled = RawClient::subscribed(&node, "ticker.AAPL").await;
     let before = rss_bytes();
     let total = 100_000;
     let pad = "p".repeat(500);
@@ -152,7 +139,7 @@ async fn drop_oldest_keeps_the_connection_and_the_newest_messages() {
         c.limits.write_timeout = Duration::from_secs(120);
     })
     .await;
-    let mut stalled = stalled_subscriber(&node, "news.world").await;
+    let mut stalled = RawClient::subscribed(&node, "news.world").await;
     let total = 600;
     let pad = "p".repeat(32 * 1024);
     redis_publish_many(

@@ -8,9 +8,9 @@ use std::time::Duration;
 use common::redis_server::{
     RedisCluster, RedisServer, StallingProxy, eventually_channels, pubsub_channels,
 };
-use common::{PATIENCE, RawClient, TestNode, eventually_metric, http, metric, token};
+use common::{PATIENCE, RawClient, TestNode, eventually_metric, http, metric};
 use herald::config::{BrokerKind, Config, RedisUrl};
-use serde_json::{Value, json};
+use serde_json::json;
 
 fn use_redis(config: &mut Config, url: &str) {
     config.broker.kind = BrokerKind::Redis;
@@ -266,22 +266,8 @@ async fn a_stalled_client_never_stalls_the_redis_connection() {
     let mut admin = redis.connection().await;
     let mut healthy = node.client(&["feed"]).await;
     healthy.subscribe(&["feed"]).await;
-    let mut stalled =
-        RawClient::connect(node.addr, &format!("/ws?token={}", token("u", &["*"]))).await;
-    stalled
-        .send_frame(
-            true,
-            0x1,
-            br#"{"op":"subscribe","id":1,"channels":["feed"]}"#,
-            true,
-        )
-        .await;
-    loop {
-        let (_, payload) = stalled.read_frame().await.unwrap();
-        if serde_json::from_slice::<Value>(&payload).unwrap()["type"] == "reply" {
-            break;
-        }
-    }
+    // Subscribed, and from now on not reading.
+    let mut stalled = RawClient::subscribed(&node, "feed").await;
     let client_list = |list: String| -> HashSet<String> {
         list.lines()
             .filter(|line| {

@@ -34,7 +34,7 @@ use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, RedisErr
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::broker::{Broker, BrokerError, BrokerFuture};
 use crate::config::{BrokerConfig, BrokerKind, ConfigError};
@@ -113,49 +113,42 @@ enum Connection {
 
 impl Connection {
     async fn subscribe(&mut self, channels: Vec<String>) -> Result<(), RedisError> {
-        match self {
-            Connection::Single(connection) => {
-                for chunk in channels.chunks(SUBSCRIBE_BATCH) {
-                    connection.subscribe(chunk).await?;
-                }
-                Ok(())
-            }
-            // One command per channel: a multi-channel SSUBSCRIBE must stay in
-            // one slot. They are sent concurrently, so they pipeline.
-            Connection::Cluster(connection) => {
-                for chunk in channels.chunks(SUBSCRIBE_BATCH) {
-                    let results = join_all(chunk.iter().map(|channel| {
-                        let mut connection = connection.clone();
-                        async move { connection.ssubscribe(channel).await }
-                    }))
-                    .await;
-                    results.into_iter().collect::<Result<Vec<()>, _>>()?;
-                }
-                Ok(())
-            }
-        }
+        self.change_subscriptions(true, channels).await
     }
 
     async fn unsubscribe(&mut self, channels: Vec<String>) -> Result<(), RedisError> {
-        match self {
-            Connection::Single(connection) => {
-                for chunk in channels.chunks(SUBSCRIBE_BATCH) {
-                    connection.unsubscribe(chunk).await?;
-                }
-                Ok(())
-            }
-            Connection::Cluster(connection) => {
-                for chunk in channels.chunks(SUBSCRIBE_BATCH) {
+        self.change_subscriptions(false, channels).await
+    }
+
+    /// (Un)subscribes in batches of [`SUBSCRIBE_BATCH`].
+    async fn change_subscriptions(
+        &mut self,
+        subscribe: bool,
+        channels: Vec<String>,
+    ) -> Result<(), RedisError> {
+        for chunk in channels.chunks(SUBSCRIBE_BATCH) {
+            match self {
+                Connection::Single(connection) if subscribe => connection.subscribe(chunk).await?,
+                Connection::Single(connection) => connection.unsubscribe(chunk).await?,
+                // One command per channel: a multi-channel SSUBSCRIBE must stay
+                // in one slot. They are sent concurrently, so they pipeline.
+                Connection::Cluster(connection) => {
                     let results = join_all(chunk.iter().map(|channel| {
                         let mut connection = connection.clone();
-                        async move { connection.sunsubscribe(channel).await }
+                        async move {
+                            if subscribe {
+                                connection.ssubscribe(channel).await
+                            } else {
+                                connection.sunsubscribe(channel).await
+                            }
+                        }
                     }))
                     .await;
                     results.into_iter().collect::<Result<Vec<()>, _>>()?;
                 }
-                Ok(())
             }
         }
+        Ok(())
     }
 
     async fn publish(&mut self, channel: &str, payload: &[u8]) -> Result<(), RedisError> {
@@ -268,7 +261,8 @@ impl RedisBroker {
                 None
             }
         };
-        tokio::spawn(supervise(shared.clone(), first));
+        let span = tracing::info_span!("broker", node = %node_id);
+        tokio::spawn(supervise(shared.clone(), first).instrument(span));
         Ok(RedisBroker { shared })
     }
 }

@@ -301,6 +301,21 @@ impl RawClient {
         RawClient { stream, buffer }
     }
 
+    /// A raw client on `node` subscribed to `channel` (the reply has been
+    /// read); it reads nothing more unless the test asks.
+    pub async fn subscribed(node: &TestNode, channel: &str) -> RawClient {
+        let mut raw =
+            RawClient::connect(node.addr, &format!("/ws?token={}", token("u", &["*"]))).await;
+        let request = json!({"op": "subscribe", "id": 1, "channels": [channel]}).to_string();
+        raw.send_frame(true, 0x1, request.as_bytes(), true).await;
+        loop {
+            let (_, payload) = raw.read_frame().await.expect("the subscribe reply");
+            if serde_json::from_slice::<Value>(&payload).unwrap()["type"] == "reply" {
+                return raw;
+            }
+        }
+    }
+
     /// Sends one frame, masked as RFC 6455 requires unless `masked` is false.
     pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8], masked: bool) {
         let mut frame = vec![(if fin { 0x80 } else { 0 }) | opcode];
