@@ -143,6 +143,8 @@ impl Admission {
     /// The client's IP: the peer, or, when the peer is a trusted proxy, the
     /// last address it appended to the configured header.
     pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        // An IPv4 client of a dual-stack listener appears as ::ffff:a.b.c.d.
+        let peer = peer.to_canonical();
         let Some(header) = &self.proxy_header else {
             return peer;
         };
@@ -155,6 +157,7 @@ impl Admission {
             .filter_map(|value| value.to_str().ok())
             .flat_map(|value| value.split(','))
             .filter_map(|item| item.trim().parse::<IpAddr>().ok())
+            .map(|ip| ip.to_canonical())
             .next_back()
             .unwrap_or(peer)
     }
@@ -276,6 +279,9 @@ impl OriginRule {
     }
 
     fn matches(&self, origin: &str) -> bool {
+        if *self == OriginRule::Any {
+            return true;
+        }
         let Some((scheme, host, port)) = split_origin(origin) else {
             return false;
         };
@@ -346,6 +352,7 @@ mod tests {
         check("http://localhost:3000", "http://localhost:3000", true);
         check("http://localhost:3000", "http://localhost:3001", false);
         check("*", "https://anything.test", true);
+        check("*", "null", true);
         check("http://[::1]:8080", "http://[::1]:8080", true);
         check("http://[::1]:8080", "http://[::1]:8081", false);
         assert_eq!(OriginRule::parse("example.com"), None);

@@ -1,14 +1,14 @@
 //! One WebSocket session: a reader and a writer around a bounded [`Outbox`].
 //!
-//! fastwebsockets' `read_frame` is not cancel-safe, so it never sits in a
-//! `select!` that could resume it: the reader runs on its own and only ever
-//! pushes into the outbox. The writer task owns the socket's write half, the
-//! ping timer, the token expiry and the drain; it is the only place that
-//! writes, and every frame pending when it wakes goes out in one write.
+//! Reading a frame is not cancel-safe, so the reader never sits in a `select!`
+//! that could resume it: it runs on its own and only ever pushes into the
+//! outbox. The writer task owns the socket's write half, the ping timer, the
+//! token expiry and the drain; it is the only place that writes, and every
+//! frame pending when it wakes goes out in one write.
 //!
 //! Per-connection memory, idle and subscribed: the outbox (~250 bytes, its
 //! queue freed when drained), the session's channel map, the two task futures
-//! and fastwebsockets' 8 KiB read buffer (see ARCHITECTURE.md).
+//! and a read buffer that is empty when idle (see ARCHITECTURE.md).
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Role, WebSocketError, WebSocketRead};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -29,7 +28,8 @@ use crate::Node;
 use crate::auth::{AuthError, Principal};
 use crate::channel;
 use crate::hub::ConnectionId;
-use crate::inbound::{self, MaskGuard};
+use crate::inbound::{FrameReader, Inbound, ReadError};
+use crate::metrics::Metrics;
 use crate::outbox::{ChannelKey, Closing, Outbox, QueueLimits};
 use crate::protocol::{
     self, ChannelError, CloseCode, ErrorCode, Opcode, ReplyError, Request, RequestId, ServerFrame,
@@ -88,8 +88,11 @@ fn split(upgraded: Upgraded) -> Split {
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let (read, write) = parts.io.into_inner().into_split();
-            // Bytes the client sent right behind its handshake come first.
-            Split::Tcp(std::io::Cursor::new(parts.read_buf).chain(read), write)
+            // Bytes the client sent right behind its handshake come first. They
+            // are copied out: the slice would otherwise keep hyper's whole read
+            // buffer alive for the life of the connection.
+            let early = Bytes::copy_from_slice(&parts.read_buf);
+            Split::Tcp(std::io::Cursor::new(early).chain(read), write)
         }
         Err(upgraded) => {
             let (read, write) = tokio::io::split(TokioIo::new(upgraded));
@@ -123,7 +126,7 @@ where
         }
         .encode(),
     );
-    node.metrics.connection_opened();
+    let open = OpenConnection::new(&node.metrics);
 
     let settings = WriterSettings {
         ping_interval: node.config.ping.interval,
@@ -141,13 +144,7 @@ where
         .instrument(tracing::Span::current()),
     );
 
-    let (mut ws, _) = fastwebsockets::after_handshake_split(
-        MaskGuard::new(reader),
-        tokio::io::sink(),
-        Role::Server,
-    );
-    // fastwebsockets refuses a frame of exactly its maximum; herald's limit is inclusive.
-    ws.set_max_message_size(limits.max_message_bytes + 1);
+    let mut frames = FrameReader::new(reader, limits.max_message_bytes);
     let mut session = Session {
         node: node.clone(),
         id,
@@ -157,7 +154,7 @@ where
     };
 
     let reason = {
-        let reader = read_loop(&mut ws, &mut session);
+        let reader = read_loop(&mut frames, &mut session);
         tokio::pin!(reader);
         tokio::select! {
             exit = &mut reader => {
@@ -180,7 +177,36 @@ where
     };
     drop(session);
     debug!(reason, "closed");
-    node.metrics.connection_closed(reason);
+    open.close(reason);
+}
+
+/// Counts a connection open until it is closed with a reason, or dropped (a
+/// panic), which counts as `internal_error`.
+struct OpenConnection {
+    metrics: Option<Metrics>,
+}
+
+impl OpenConnection {
+    fn new(metrics: &Metrics) -> OpenConnection {
+        metrics.connection_opened();
+        OpenConnection {
+            metrics: Some(metrics.clone()),
+        }
+    }
+
+    fn close(mut self, reason: &str) {
+        if let Some(metrics) = self.metrics.take() {
+            metrics.connection_closed(reason);
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if let Some(metrics) = self.metrics.take() {
+            metrics.connection_closed("internal_error");
+        }
+    }
 }
 
 /// Why the reader stopped.
@@ -193,112 +219,45 @@ enum ReaderExit {
     Violation(CloseCode),
 }
 
-async fn read_loop<R>(ws: &mut WebSocketRead<R>, session: &mut Session) -> ReaderExit
+async fn read_loop<R>(frames: &mut FrameReader<R>, session: &mut Session) -> ReaderExit
 where
     R: AsyncRead + Unpin,
 {
-    let outbox = session.outbox.clone();
     let limits = &session.node.config.limits;
-    let max_message = limits.max_message_bytes;
-    // Every message and ping from the client takes a token. A mutex only
-    // because the future must be Send; the reader is its one user.
-    let requests = std::sync::Mutex::new(TokenBucket::new(
+    // Every message and ping from the client takes a token.
+    let mut requests = TokenBucket::new(
         limits.requests_per_second,
         limits.request_burst as f64,
         Instant::now(),
-    ));
-    let take_token = || {
-        requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .try_take(Instant::now())
-    };
-    // A fragmented message being assembled: its opcode and bytes so far.
-    let mut fragments: Option<(OpCode, Vec<u8>)> = None;
-    // The automatic pong and close replies go to the writer, never to the
-    // socket. fastwebsockets answers client pings without returning them, so
-    // this is also where a client ping counts as activity.
-    let mut obligated = |frame: Frame<'_>| {
-        let result = match frame.opcode {
-            OpCode::Pong => {
-                outbox.touch();
-                if take_token() {
-                    outbox.pong(Bytes::copy_from_slice(&frame.payload));
-                    Ok(())
-                } else {
-                    Err(RequestFlood)
-                }
-            }
-            OpCode::Close => {
-                outbox.echo_close(Bytes::copy_from_slice(&frame.payload));
-                Ok(())
-            }
-            _ => Ok(()),
-        };
-        std::future::ready(result)
-    };
+    );
     loop {
-        let frame = match ws.read_frame(&mut obligated).await {
-            Ok(frame) => frame,
-            Err(error) => return reader_error(error),
+        let inbound = match frames.next().await {
+            Ok(inbound) => inbound,
+            Err(ReadError::Lost) => return ReaderExit::Lost,
+            Err(ReadError::Violation(code)) => return ReaderExit::Violation(code),
         };
         session.outbox.touch();
-        match frame.opcode {
-            OpCode::Close => return ReaderExit::ClientClosed,
-            OpCode::Ping | OpCode::Pong => {}
-            OpCode::Text | OpCode::Binary => {
-                if fragments.is_some() {
-                    return ReaderExit::Violation(CloseCode::ProtocolError);
-                }
-                if !take_token() {
-                    return ReaderExit::Violation(CloseCode::PolicyViolation);
-                }
-                if frame.fin {
-                    session.on_message(frame.opcode, &frame.payload).await;
-                } else {
-                    fragments = Some((frame.opcode, frame.payload.to_vec()));
-                }
-            }
-            OpCode::Continuation => {
-                let Some((opcode, buffer)) = fragments.as_mut() else {
-                    return ReaderExit::Violation(CloseCode::ProtocolError);
-                };
-                if buffer.len() + frame.payload.len() > max_message {
-                    return ReaderExit::Violation(CloseCode::MessageTooBig);
-                }
-                buffer.extend_from_slice(&frame.payload);
-                if frame.fin {
-                    let opcode = *opcode;
-                    let (_, message) = fragments.take().expect("checked above");
-                    if opcode == OpCode::Text && std::str::from_utf8(&message).is_err() {
-                        return ReaderExit::Violation(CloseCode::InvalidPayload);
-                    }
-                    session.on_message(opcode, &message).await;
-                }
+        if matches!(
+            inbound,
+            Inbound::Text(_) | Inbound::Binary(_) | Inbound::Ping(_)
+        ) && !requests.try_take(Instant::now())
+        {
+            return ReaderExit::Violation(CloseCode::PolicyViolation);
+        }
+        match inbound {
+            Inbound::Text(text) => session.on_text(&text).await,
+            Inbound::Binary(_) => session.send_error(
+                None,
+                ErrorCode::UnsupportedFrame,
+                "protocol v1 uses text frames only",
+            ),
+            Inbound::Ping(payload) => session.outbox.pong(Bytes::from(payload)),
+            Inbound::Pong => {}
+            Inbound::Close(payload) => {
+                session.outbox.echo_close(Bytes::from(payload));
+                return ReaderExit::ClientClosed;
             }
         }
-    }
-}
-
-/// A client exceeded `limits.requests_per_second` with pings.
-#[derive(Debug, thiserror::Error)]
-#[error("request rate exceeded")]
-struct RequestFlood;
-
-fn reader_error(error: WebSocketError) -> ReaderExit {
-    match error {
-        WebSocketError::IoError(error) if inbound::is_unmasked_frame(&error) => {
-            ReaderExit::Violation(CloseCode::ProtocolError)
-        }
-        WebSocketError::SendError(error) if error.is::<RequestFlood>() => {
-            ReaderExit::Violation(CloseCode::PolicyViolation)
-        }
-        WebSocketError::UnexpectedEOF
-        | WebSocketError::IoError(_)
-        | WebSocketError::ConnectionClosed => ReaderExit::Lost,
-        WebSocketError::FrameTooLarge => ReaderExit::Violation(CloseCode::MessageTooBig),
-        WebSocketError::InvalidUTF8 => ReaderExit::Violation(CloseCode::InvalidPayload),
-        _ => ReaderExit::Violation(CloseCode::ProtocolError),
     }
 }
 
@@ -322,15 +281,7 @@ impl Drop for Session {
 }
 
 impl Session {
-    async fn on_message(&mut self, opcode: OpCode, payload: &[u8]) {
-        if opcode == OpCode::Binary {
-            self.send_error(
-                None,
-                ErrorCode::UnsupportedFrame,
-                "protocol v1 uses text frames only",
-            );
-            return;
-        }
+    async fn on_text(&mut self, payload: &[u8]) {
         match protocol::parse_request(payload) {
             Ok(request) => self.handle(request).await,
             Err(error) => self.send_error(error.id, error.code, &error.message),
@@ -530,6 +481,7 @@ where
     let mut awaiting_pong: Option<(Instant, Instant)> = None;
     let timer = tokio::time::sleep_until(next_ping);
     tokio::pin!(timer);
+    let mut timer_fired = false;
 
     loop {
         let now = Instant::now();
@@ -597,7 +549,12 @@ where
         if let Some(due) = rate_due {
             deadline = deadline.min(due);
         }
-        timer.as_mut().reset(deadline);
+        // Re-arming the timer costs a timer-wheel update, so it is done only
+        // when the deadline moved or the timer has fired.
+        if timer_fired || timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        timer_fired = false;
         tokio::select! {
             biased;
             _ = &mut cancelled, if !shutting_down => {
@@ -605,7 +562,7 @@ where
                 outbox.close(CloseCode::GoingAway);
             }
             _ = outbox.changed() => {}
-            _ = &mut timer => {}
+            _ = &mut timer => timer_fired = true,
         }
     }
 }

@@ -60,7 +60,7 @@ use crate::metrics::Metrics;
 pub enum StartError {
     #[error("invalid configuration: {0}")]
     Config(#[from] ConfigError),
-    #[error("broker: {0}")]
+    #[error(transparent)]
     Broker(#[from] crate::broker::redis::RedisStartError),
 }
 
@@ -100,6 +100,7 @@ async fn start(config: Config) -> Result<Node, StartError> {
     let (hub, broker): (Hub, Arc<dyn Broker>) = match config.broker.kind {
         BrokerKind::Memory => {
             let hub = Hub::new(&config, metrics.clone(), false);
+            metrics.broker_connected(true);
             (hub.clone(), Arc::new(MemoryBroker::new(hub)))
         }
         BrokerKind::Redis | BrokerKind::RedisCluster => {
@@ -118,7 +119,6 @@ async fn start(config: Config) -> Result<Node, StartError> {
             (hub, Arc::new(broker))
         }
     };
-    metrics.broker_connected(broker.is_ready());
     Ok(Arc::new(NodeState {
         id,
         auth,

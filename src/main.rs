@@ -114,6 +114,7 @@ fn invalid(error: ConfigError) -> ExitCode {
 /// `herald dev`: the configuration with generated secrets, and the banner.
 fn dev_config(file: Option<PathBuf>) -> Result<(Config, String), ConfigError> {
     let mut config = Config::read(file.as_deref())?;
+    config.broker.kind = herald::config::BrokerKind::Memory;
     let secret = config
         .auth
         .hmac_secret

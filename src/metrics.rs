@@ -258,8 +258,9 @@ impl Metrics {
         self.inner.frames_delivered.inc_by(count);
     }
 
-    /// A message one subscriber will not get. `reason` is `queue_full`,
-    /// `conflated`, `rate_limited`, `too_large` or `closed`.
+    /// A message a subscriber will not get. `reason` is `queue_full`,
+    /// `conflated` or `rate_limited` (counted per subscriber), or `too_large`
+    /// (counted once per message).
     pub fn message_dropped(&self, reason: &str, policy: Option<SlowPolicy>) {
         let policy = match policy {
             None => "none",

@@ -25,8 +25,6 @@ pub enum CloseCode {
     InvalidPayload,
     /// 1009: a client message was larger than `limits.max_message_bytes`.
     MessageTooBig,
-    /// 1011: an unexpected server error (a session task failed). Reconnect with backoff.
-    InternalError,
     /// 4001: the token expired without a refresh. Get a new token, then reconnect.
     TokenExpired,
     /// 4002: the client did not read fast enough. Reconnect and resync.
@@ -47,7 +45,6 @@ impl CloseCode {
             CloseCode::ProtocolError => 1002,
             CloseCode::InvalidPayload => 1007,
             CloseCode::MessageTooBig => 1009,
-            CloseCode::InternalError => 1011,
             CloseCode::TokenExpired => 4001,
             CloseCode::SlowConsumer => 4002,
             CloseCode::PingTimeout => 4003,
@@ -64,7 +61,6 @@ impl CloseCode {
             CloseCode::ProtocolError => "protocol_error",
             CloseCode::InvalidPayload => "invalid_payload",
             CloseCode::MessageTooBig => "message_too_big",
-            CloseCode::InternalError => "internal_error",
             CloseCode::TokenExpired => "token_expired",
             CloseCode::SlowConsumer => "slow_consumer",
             CloseCode::PingTimeout => "ping_timeout",
@@ -101,7 +97,7 @@ pub enum ErrorCode {
     Forbidden,
     /// The channel name breaks the naming rules.
     InvalidChannel,
-    /// A per-connection limit (channels, rate) was reached.
+    /// A per-connection limit (`limits.max_channels_per_connection`) was reached.
     LimitExceeded,
     /// A refresh token was refused.
     InvalidToken,

@@ -390,6 +390,11 @@ async fn a_node_started_while_redis_is_down_connects_when_it_comes_up() {
         json!(["news"])
     );
     let redis = RedisServer::start_on(port, &[]);
+    // Messages before the first connection were missed: a gap says so.
+    assert_eq!(
+        client.next_json().await,
+        json!({"type": "gap", "channels": ["news"]})
+    );
     eventually_ready(&node, true).await;
     let mut backend = redis.connection().await;
     redis_publish(&mut backend, "news", b"1").await;

@@ -70,7 +70,7 @@ fn client_for(url: &str) -> Result<redis::Client, ConfigError> {
     let client = redis::Client::open(url).map_err(|e| {
         ConfigError::invalid(
             "broker.url",
-            format!("not a valid redis:// or rediss:// URL: {e}"),
+            format!("not a valid redis://, rediss:// or unix:// URL: {e}"),
         )
     })?;
     let info = client.get_connection_info().clone();
@@ -89,13 +89,17 @@ fn cluster_client(config: &BrokerConfig) -> Result<ClusterClientParts, ConfigErr
             .map_err(|e| {
                 ConfigError::invalid(
                     "broker.cluster_urls",
-                    format!("not a valid redis:// URL: {e}"),
+                    format!("not a valid redis:// or rediss:// URL: {e}"),
                 )
             })?
             .get_connection_info()
             .clone();
         seeds.push(info);
     }
+    // Building the client checks that the seeds agree (credentials, TLS).
+    redis::cluster::ClusterClientBuilder::new(seeds.clone())
+        .build()
+        .map_err(|e| ConfigError::invalid("broker.cluster_urls", e.to_string()))?;
     Ok(ClusterClientParts { seeds })
 }
 
@@ -497,16 +501,18 @@ async fn supervise(shared: Arc<Shared>, mut connection: Option<Connection>) {
         };
         backoff = config.reconnect_min;
         shared.set_connected(Some(live.clone()));
+        // Clients subscribed while the node was not connected (an outage, or
+        // before the first connection) may have missed messages.
+        let notified = shared.hub.send_gap(&channels);
+        shared.metrics.gap_notices(notified as u64);
         if connected_before {
             shared.metrics.broker_reconnected(channels.len() as u64);
-            let notified = shared.hub.send_gap(&channels);
-            shared.metrics.gap_notices(notified as u64);
             info!(
                 channels = channels.len(),
                 notified, "reconnected to Redis and resubscribed"
             );
         } else {
-            info!(channels = channels.len(), "connected to Redis");
+            info!(channels = channels.len(), notified, "connected to Redis");
         }
         connected_before = true;
 
