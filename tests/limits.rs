@@ -6,134 +6,20 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::redis_server::RedisServer;
-use common::{Client, PATIENCE, RawClient, TestNode, eventually_metric, http_full, metric, token};
-use herald::config::{BrokerKind, ChannelRule, Config, RedisUrl, SlowPolicy};
+use common::{
+    Client, PATIENCE, RawClient, TestNode, eventually_metric, http_full, metric,
+    read_messages_until, rule, token,
+};
+use herald::config::SlowPolicy;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-fn rule(pattern: &str, policy: SlowPolicy, max_rate_hz: Option<f64>) -> ChannelRule {
-    ChannelRule {
-        pattern: pattern.into(),
-        policy,
-        max_rate_hz,
-    }
-}
-
-fn use_redis(config: &mut Config, redis: &RedisServer) {
-    config.broker.kind = BrokerKind::Redis;
-    config.broker.url = Some(RedisUrl::new(redis.url()));
-}
-
-/// Reads a raw client's message frames until `done` says stop; panics on a close frame.
-async fn read_messages_until(raw: &mut RawClient, mut done: impl FnMut(&Value) -> bool) -> usize {
-    let mut count = 0;
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let (opcode, payload) = raw.read_frame().await.expect("still connected");
-            assert_ne!(opcode, 0x8, "closed: {:?}", &payload.get(..2));
-            if opcode != 0x1 {
-                continue;
-            }
-            let frame: Value = serde_json::from_slice(&payload).unwrap();
-            if frame["type"] == "message" {
-                count += 1;
-                if done(&frame) {
-                    return;
-                }
-            }
-        }
-    })
-    .await
-    .expect("the newest message arrives");
-    count
-}
-
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        * 1024
-}
-
-async fn redis_publish_many(
-    redis: &RedisServer,
-    channel: &str,
-    payloads: impl Iterator<Item = String>,
-) {
-    let mut connection = redis.connection().await;
-    let mut pipeline = redis::pipe();
-    let mut queued = 0;
-    for payload in payloads {
-        pipeline.cmd("PUBLISH").arg(channel).arg(payload).ignore();
-        queued += 1;
-        if queued == 1000 {
-            pipeline.query_async::<()>(&mut connection).await.unwrap();
-            pipeline = redis::pipe();
-            queued = 0;
-        }
-    }
-    if queued > 0 {
-        pipeline.query_async::<()>(&mut connection).await.unwrap();
-    }
-}
-
-#[tokio::test]
-async fn conflate_delivers_the_newest_value_with_bounded_memory() {
-    let redis = RedisServer::start();
-    let node = TestNode::start_with(|c| {
-        use_redis(c, &redis);
-        c.channels = vec![rule("ticker.*", SlowPolicy::Conflate, None)];
-        c.limits.queue_messages = 16;
-        c.limits.write_timeout = Duration::from_secs(120);
-    })
-    .await;
-    let mut stalled = RawClient::subscribed(&node, "ticker.AAPL").await;
-    let before = rss_bytes();
-    let total = 100_000;
-    let pad = "p".repeat(500);
-    redis_publish_many(
-        &redis,
-        "ticker.AAPL",
-        (0..total).map(|seq| json!({"seq": seq, "pad": pad}).to_string()),
-    )
-    .await;
-    eventually_metric(&node, "herald_messages_received_total", total as f64).await;
-    let growth = rss_bytes().saturating_sub(before);
-    // 100k messages of ~520 bytes would be ~52 MB if they were all kept.
-    assert!(growth < 20 << 20, "RSS grew by {} MB", growth >> 20);
-
-    let received =
-        read_messages_until(&mut stalled, |frame| frame["data"]["seq"] == total - 1).await;
-    assert!(
-        received < total as usize / 2,
-        "conflation kept {received} of {total}"
-    );
-    let metrics = node.metrics().await;
-    assert!(
-        metric(
-            &metrics,
-            "herald_messages_dropped_total{reason=\"conflated\",policy=\"conflate\"}"
-        ) > 0.0
-    );
-    assert_eq!(
-        metric(
-            &metrics,
-            "herald_disconnects_total{reason=\"slow_consumer\"}"
-        ),
-        0.0
-    );
-}
 
 #[tokio::test]
 async fn drop_oldest_keeps_the_connection_and_the_newest_messages() {
     let redis = RedisServer::start();
     let node = TestNode::start_with(|c| {
-        use_redis(c, &redis);
+        redis.configure(c);
         c.channels = vec![rule("news.*", SlowPolicy::DropOldest, None)];
         c.limits.queue_messages = 8;
         c.limits.write_timeout = Duration::from_secs(120);
@@ -142,12 +28,12 @@ async fn drop_oldest_keeps_the_connection_and_the_newest_messages() {
     let mut stalled = RawClient::subscribed(&node, "news.world").await;
     let total = 600;
     let pad = "p".repeat(32 * 1024);
-    redis_publish_many(
-        &redis,
-        "news.world",
-        (0..total).map(|seq| json!({"seq": seq, "pad": pad}).to_string()),
-    )
-    .await;
+    redis
+        .publish_many(
+            "news.world",
+            (0..total).map(|seq| json!({"seq": seq, "pad": pad}).to_string()),
+        )
+        .await;
     eventually_metric(&node, "herald_messages_received_total", total as f64).await;
     let mut last = -1i64;
     let received = read_messages_until(&mut stalled, |frame| {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use herald::config::{Config, Secret};
+use herald::config::{ChannelRule, Config, Secret, SlowPolicy};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -434,4 +434,40 @@ pub async fn http_full(
     let headers = response.headers().clone();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     (status, headers, String::from_utf8_lossy(&body).to_string())
+}
+
+/// A `[[channels]]` rule.
+pub fn rule(pattern: &str, policy: SlowPolicy, max_rate_hz: Option<f64>) -> ChannelRule {
+    ChannelRule {
+        pattern: pattern.into(),
+        policy,
+        max_rate_hz,
+    }
+}
+
+/// Reads a raw client's message frames until `done` says stop; panics on a close frame.
+pub async fn read_messages_until(
+    raw: &mut RawClient,
+    mut done: impl FnMut(&Value) -> bool,
+) -> usize {
+    let mut count = 0;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let (opcode, payload) = raw.read_frame().await.expect("still connected");
+            assert_ne!(opcode, 0x8, "closed: {:?}", &payload.get(..2));
+            if opcode != 0x1 {
+                continue;
+            }
+            let frame: Value = serde_json::from_slice(&payload).unwrap();
+            if frame["type"] == "message" {
+                count += 1;
+                if done(&frame) {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the newest message arrives");
+    count
 }

@@ -146,6 +146,31 @@ impl RedisServer {
         self.spawn();
     }
 
+    /// Points `config` at this server.
+    pub fn configure(&self, config: &mut herald::config::Config) {
+        config.broker.kind = herald::config::BrokerKind::Redis;
+        config.broker.url = Some(herald::config::RedisUrl::new(self.url()));
+    }
+
+    /// Publishes every payload on `channel`, pipelined 1,000 at a time.
+    pub async fn publish_many(&self, channel: &str, payloads: impl Iterator<Item = String>) {
+        let mut connection = self.connection().await;
+        let mut pipeline = redis::pipe();
+        let mut queued = 0;
+        for payload in payloads {
+            pipeline.cmd("PUBLISH").arg(channel).arg(payload).ignore();
+            queued += 1;
+            if queued == 1000 {
+                pipeline.query_async::<()>(&mut connection).await.unwrap();
+                pipeline = redis::pipe();
+                queued = 0;
+            }
+        }
+        if queued > 0 {
+            pipeline.query_async::<()>(&mut connection).await.unwrap();
+        }
+    }
+
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url())
             .unwrap()
