@@ -151,10 +151,12 @@ fanout-10k-redis)
     done
     ;;
 slow)
-    # Healthy subscribers' latency while 10% of them stop reading.
+    # Healthy subscribers' latency while 10% of them stop reading. Each slow
+    # subscriber falls 16 MB behind, more than loopback's socket buffers hold,
+    # so herald's own queue fills and the slow-consumer policy acts.
     start_nodes 1
     tool slow "${URLS[@]}" --secret $SECRET "${PIDFLAGS[@]}" $(api) \
-        --subscribers 1000 --channels 1 --rate 200 --payload 1000 --duration 10s --slow-fraction 0.1 \
+        --subscribers 200 --channels 1 --rate 100 --payload 16000 --duration 10s --slow-fraction 0.1 \
         --json "$OUT/slow.json"
     ;;
 storm)
@@ -169,7 +171,7 @@ storm)
     start_redis
     start_nodes 6 redis
     HOLD=${HOLD:-5m}
-    tool connect "${URLS[@]}" --secret $SECRET "${PIDFLAGS[@]}" --workers 6 --source-ips 6 \
+    tool connect "${URLS[@]}" --secret $SECRET "${PIDFLAGS[@]}" --workers 6 --source-ips 24 \
         --connections 100000 --rate 5000 --channels-per-conn 1 --channel-count 1000 --hold "$HOLD" \
         --json "$OUT/100k.json" &
     TOOL_PID=$!
