@@ -297,8 +297,12 @@ impl Connector {
             // tens of thousands of connections and stalls this runtime. With
             // it, connect() picks the port per destination, as usual.
             #[cfg(target_os = "linux")]
-            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
-                .map_err(|errno| io(std::io::Error::from(errno)))?;
+            nix::sys::socket::setsockopt(
+                &socket,
+                nix::sys::socket::sockopt::IpBindAddressNoPort,
+                &true,
+            )
+            .map_err(|errno| io(std::io::Error::from(errno)))?;
             socket.bind(SocketAddr::new(source, 0)).map_err(io)?;
         }
         let stream = socket.connect(address).await.map_err(io)?;
