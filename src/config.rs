@@ -220,14 +220,36 @@ impl RedisUrl {
         &self.0
     }
 
-    /// The URL with any `user:password@` replaced.
+    /// The URL with any `user:password@` and any `pass=`/`password=` query
+    /// parameter replaced.
     pub fn redacted(&self) -> String {
-        match (self.0.find("://"), self.0.rfind('@')) {
+        let (base, query) = match self.0.split_once('?') {
+            Some((base, query)) => (base, Some(query)),
+            None => (self.0.as_str(), None),
+        };
+        let mut out = match (base.find("://"), base.rfind('@')) {
             (Some(scheme_end), Some(at)) if at > scheme_end => {
-                format!("{}<redacted>{}", &self.0[..scheme_end + 3], &self.0[at..])
+                format!("{}<redacted>{}", &base[..scheme_end + 3], &base[at..])
             }
-            _ => self.0.clone(),
+            _ => base.to_owned(),
+        };
+        if let Some(query) = query {
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _))
+                        if key.eq_ignore_ascii_case("pass")
+                            || key.eq_ignore_ascii_case("password") =>
+                    {
+                        format!("{key}=<redacted>")
+                    }
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            out.push('?');
+            out.push_str(&pairs.join("&"));
         }
+        out
     }
 }
 
@@ -717,6 +739,11 @@ mod tests {
         assert!(
             text.contains("redis://<redacted>@redis.internal:6380/2"),
             "{text}"
+        );
+        let socket = RedisUrl::new("unix:///run/redis.sock?db=1&pass=hunter2");
+        assert_eq!(
+            socket.redacted(),
+            "unix:///run/redis.sock?db=1&pass=<redacted>"
         );
         let cluster = [
             ("HERALD_AUTH__HMAC_SECRET", SECRET),

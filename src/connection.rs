@@ -144,7 +144,12 @@ where
         .instrument(tracing::Span::current()),
     );
 
-    let mut frames = FrameReader::new(reader, limits.max_message_bytes);
+    let requests = TokenBucket::new(
+        limits.requests_per_second,
+        limits.request_burst as f64,
+        Instant::now(),
+    );
+    let mut frames = FrameReader::new(reader, limits.max_message_bytes, requests);
     let mut session = Session {
         node: node.clone(),
         id,
@@ -223,27 +228,14 @@ async fn read_loop<R>(frames: &mut FrameReader<R>, session: &mut Session) -> Rea
 where
     R: AsyncRead + Unpin,
 {
-    let limits = &session.node.config.limits;
-    // Every message and ping from the client takes a token.
-    let mut requests = TokenBucket::new(
-        limits.requests_per_second,
-        limits.request_burst as f64,
-        Instant::now(),
-    );
+    let outbox = session.outbox.clone();
+    let mut activity = || outbox.touch();
     loop {
-        let inbound = match frames.next().await {
+        let inbound = match frames.next(&mut activity).await {
             Ok(inbound) => inbound,
             Err(ReadError::Lost) => return ReaderExit::Lost,
             Err(ReadError::Violation(code)) => return ReaderExit::Violation(code),
         };
-        session.outbox.touch();
-        if matches!(
-            inbound,
-            Inbound::Text(_) | Inbound::Binary(_) | Inbound::Ping(_)
-        ) && !requests.try_take(Instant::now())
-        {
-            return ReaderExit::Violation(CloseCode::PolicyViolation);
-        }
         match inbound {
             Inbound::Text(text) => session.on_text(&text).await,
             Inbound::Binary(_) => session.send_error(

@@ -16,12 +16,11 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::protocol::CloseCode;
+use crate::rate::TokenBucket;
+use tokio::time::Instant;
 
 /// Bytes reserved for reading when nothing larger is needed.
 pub const INITIAL_BUFFER: usize = 256;
-
-/// A buffer grown beyond this is released once it has been consumed.
-const KEPT_BUFFER: usize = 4096;
 
 /// A complete client message or control frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,8 +118,7 @@ fn valid_close(payload: &[u8]) -> bool {
         1 => false,
         _ => {
             let code = u16::from_be_bytes([payload[0], payload[1]]);
-            let allowed = matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
-            allowed && std::str::from_utf8(&payload[2..]).is_ok()
+            matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
         }
     }
 }
@@ -133,26 +131,31 @@ pub struct FrameReader<R> {
     max_message: usize,
     /// A fragmented message being assembled: its opcode and bytes so far.
     fragments: Option<(u8, Vec<u8>)>,
+    /// `limits.requests_per_second`: every data frame and ping takes a token,
+    /// so a flood of empty fragments is as limited as a flood of requests.
+    requests: TokenBucket,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    pub fn new(io: R, max_message: usize) -> FrameReader<R> {
+    pub fn new(io: R, max_message: usize, requests: TokenBucket) -> FrameReader<R> {
         FrameReader {
             io,
             buffer: BytesMut::new(),
             max_message,
             fragments: None,
+            requests,
         }
     }
 
-    /// Reads until at least `wanted` bytes are buffered.
-    async fn fill(&mut self, wanted: usize) -> Result<(), ReadError> {
+    /// Reads until at least `wanted` bytes are buffered, calling `activity`
+    /// whenever bytes arrive (a slow upload is still a live client).
+    async fn fill(&mut self, wanted: usize, activity: &mut impl FnMut()) -> Result<(), ReadError> {
         while self.buffer.len() < wanted {
             self.buffer
                 .reserve((wanted - self.buffer.len()).max(INITIAL_BUFFER));
             match self.io.read_buf(&mut self.buffer).await {
                 Ok(0) | Err(_) => return Err(ReadError::Lost),
-                Ok(_) => {}
+                Ok(_) => activity(),
             }
         }
         Ok(())
@@ -160,15 +163,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// The next message or control frame. Not cancel-safe: a partly read frame
     /// is lost if the future is dropped, so the reader runs on its own.
-    pub async fn next(&mut self) -> Result<Inbound, ReadError> {
+    pub async fn next(&mut self, activity: &mut impl FnMut()) -> Result<Inbound, ReadError> {
         loop {
             let header = loop {
                 if let Some(header) = parse_header(&self.buffer)? {
                     break header;
                 }
                 let have = self.buffer.len();
-                self.fill(have + 1).await?;
+                self.fill(have + 1, activity).await?;
             };
+            if matches!(header.opcode, CONTINUATION | TEXT | BINARY | PING)
+                && !self.requests.try_take(Instant::now())
+            {
+                return Err(ReadError::Violation(CloseCode::PolicyViolation));
+            }
             let assembled = self.fragments.as_ref().map_or(0, |(_, bytes)| bytes.len());
             let data = matches!(header.opcode, CONTINUATION | TEXT | BINARY);
             if header.payload_len > self.max_message as u64
@@ -177,14 +185,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Err(ReadError::Violation(CloseCode::MessageTooBig));
             }
             let frame_len = header.header_len + header.payload_len as usize;
-            self.fill(frame_len).await?;
-            self.buffer.advance(header.header_len);
-            let mut payload = self.buffer.split_to(header.payload_len as usize);
-            for (index, byte) in payload.iter_mut().enumerate() {
-                *byte ^= header.mask[index % 4];
-            }
-            let payload = payload.to_vec();
-            if self.buffer.is_empty() && self.buffer.capacity() > KEPT_BUFFER {
+            self.fill(frame_len, activity).await?;
+            let payload: Vec<u8> = self.buffer[header.header_len..frame_len]
+                .iter()
+                .enumerate()
+                .map(|(index, byte)| byte ^ header.mask[index % 4])
+                .collect();
+            self.buffer.advance(frame_len);
+            if self.buffer.is_empty() {
+                // Nothing else refers to the allocation now: free it, so an
+                // idle connection holds no read buffer whatever it last sent.
                 self.buffer = BytesMut::new();
             }
             if let Some(message) = self.frame(header, payload)? {
@@ -200,10 +210,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             PING => Ok(Some(Inbound::Ping(payload))),
             PONG => Ok(Some(Inbound::Pong)),
             CLOSE => {
-                if valid_close(&payload) {
-                    Ok(Some(Inbound::Close(payload)))
-                } else {
+                if !valid_close(&payload) {
                     protocol_error
+                } else if payload.len() > 2 && std::str::from_utf8(&payload[2..]).is_err() {
+                    Err(ReadError::Violation(CloseCode::InvalidPayload))
+                } else {
+                    Ok(Some(Inbound::Close(payload)))
                 }
             }
             TEXT | BINARY => {
@@ -282,10 +294,11 @@ mod tests {
                 }
             }
         });
-        let mut reader = FrameReader::new(server, max);
+        let requests = TokenBucket::new(1e9, 1e9, Instant::now());
+        let mut reader = FrameReader::new(server, max, requests);
         let mut out = Vec::new();
         loop {
-            let item = reader.next().await;
+            let item = reader.next(&mut || {}).await;
             let stop = item.is_err();
             out.push(item);
             if stop {
@@ -403,12 +416,44 @@ mod tests {
         check(twice, 100, error()).await;
         check(frame(true, CLOSE, &[0x03]), 100, error()).await;
         check(frame(true, CLOSE, &[0x03, 0xed]), 100, error()).await;
-        check(frame(true, CLOSE, &[0x03, 0xe8, 0xff]), 100, error()).await;
+        let invalid_reason = frame(true, CLOSE, &[0x03, 0xe8, 0xff]);
+        check(
+            invalid_reason,
+            100,
+            vec![Err(ReadError::Violation(InvalidPayload))],
+        )
+        .await;
     }
 
-    #[test]
-    fn idle_buffer_is_small() {
-        let reader = FrameReader::new(tokio::io::empty(), 1 << 16);
+    #[tokio::test]
+    async fn the_buffer_is_released_after_every_frame() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let requests = TokenBucket::new(1e9, 1e9, Instant::now());
+        let mut reader = FrameReader::new(server, 1 << 20, requests);
         assert_eq!(reader.buffer.capacity(), 0);
+        client
+            .write_all(&frame(true, TEXT, &[b'x'; 60_000]))
+            .await
+            .unwrap();
+        let mut reads = 0;
+        assert!(reader.next(&mut || reads += 1).await.is_ok());
+        assert!(reads > 0, "arriving bytes count as activity");
+        assert_eq!(reader.buffer.capacity(), 0, "no buffer kept while idle");
+    }
+
+    #[tokio::test]
+    async fn every_data_frame_and_ping_takes_a_token() {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = frame(false, TEXT, b"a");
+        for _ in 0..3 {
+            stream.extend(frame(false, CONTINUATION, b""));
+        }
+        let (mut client, server) = tokio::io::duplex(4096);
+        client.write_all(&stream).await.unwrap();
+        let requests = TokenBucket::new(0.001, 2.0, Instant::now());
+        let mut reader = FrameReader::new(server, 100, requests);
+        let result = reader.next(&mut || {}).await;
+        assert_eq!(result, Err(ReadError::Violation(PolicyViolation)));
     }
 }

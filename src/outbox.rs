@@ -179,6 +179,10 @@ impl Outbox {
     }
 
     fn enqueue(&self, state: &mut State, frame: Bytes, channel: ChannelKey, slow: SlowPolicy) {
+        if state.closing.is_some() {
+            // Decided to close (perhaps by the previous release): queue nothing more.
+            return;
+        }
         let len = frame.len();
         if slow == SlowPolicy::Conflate {
             let pending = state

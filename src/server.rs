@@ -295,6 +295,15 @@ fn bearer(value: &HeaderValue) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
+/// Compares API keys in constant time. Both are hashed first: comparing the
+/// raw bytes would end early on a length mismatch and reveal the key's length.
+fn keys_match(given: &str, expected: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let given = Sha256::digest(given.as_bytes());
+    let expected = Sha256::digest(expected.as_bytes());
+    bool::from(given[..].ct_eq(&expected[..]))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PublishBody {
@@ -315,7 +324,7 @@ async fn publish(request: Request<Incoming>, node: &Node) -> Response<Body> {
         .headers()
         .get(AUTHORIZATION)
         .and_then(bearer)
-        .map(|given| bool::from(given.as_bytes().ct_eq(key.expose().as_bytes())))
+        .map(|given| keys_match(given, key.expose()))
         .unwrap_or(false);
     if !authorized {
         let mut response = http::error(

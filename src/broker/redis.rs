@@ -22,7 +22,7 @@
 //!   subscribers a `gap` frame: delivery is at most once across an outage.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,6 +40,14 @@ use crate::broker::{Broker, BrokerError, BrokerFuture};
 use crate::config::{BrokerConfig, BrokerKind, ConfigError};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+
+/// The link is down: subscribes are accepted at once and take effect (with a
+/// `gap`) when it comes back.
+const DOWN: u8 = 0;
+/// Connected and resubscribing: new subscribes wait for their confirmation.
+const RESUBSCRIBING: u8 = 1;
+/// Connected and subscribed.
+const UP: u8 = 2;
 
 /// How many subscribe commands are in flight at once during a (re)subscribe.
 const SUBSCRIBE_BATCH: usize = 500;
@@ -189,16 +197,19 @@ struct Shared {
     probe_channel: String,
     /// The connection to publish on, while connected.
     connection: Mutex<Option<Connection>>,
-    /// Whether the broker is connected and subscribed.
-    connected: AtomicBool,
+    /// [`DOWN`], [`RESUBSCRIBING`] or [`UP`].
+    link: AtomicU8,
     /// Channels (client-visible names) confirmed subscribed at Redis.
     confirmed: Mutex<HashSet<Arc<str>>>,
     /// Bumped whenever `confirmed` or `connected` changes; subscribers wait on it.
     epoch: watch::Sender<u64>,
     /// Signalled by the push callback when the library reports a disconnection.
     lost: Notify,
-    /// Identifies the current standalone connection, so that a late
-    /// disconnection push from a replaced connection is ignored.
+    /// The generation of the newest connection reported lost; a wake-up for
+    /// an older one (a permit left over from a replaced connection) is ignored.
+    lost_generation: AtomicU64,
+    /// Identifies the current connection (a new one is made after every loss,
+    /// in cluster mode too), so that a late push from a replaced one is ignored.
     generation: AtomicU64,
     /// The sequence number of the last probe received.
     probe_seen: AtomicU64,
@@ -242,7 +253,8 @@ impl RedisBroker {
             prefix: config.channel_prefix.clone(),
             probe_channel: format!("{}herald#probe#{node_id}", config.channel_prefix),
             connection: Mutex::new(None),
-            connected: AtomicBool::new(false),
+            link: AtomicU8::new(DOWN),
+            lost_generation: AtomicU64::new(0),
             confirmed: Mutex::new(HashSet::new()),
             epoch: watch::Sender::new(0),
             lost: Notify::new(),
@@ -359,12 +371,10 @@ impl Shared {
                 }
             }
             PushKind::Disconnection => {
-                // In cluster mode the one connection object lives on; any
-                // shard's loss means messages may have been missed.
-                let current = self.generation.load(Ordering::SeqCst) == generation;
-                if current || matches!(self.kind, BrokerKind::RedisCluster) {
-                    self.lost.notify_one();
-                }
+                // In cluster mode, any shard's loss means messages may have
+                // been missed on it: the whole connection is rebuilt.
+                self.lost_generation.fetch_max(generation, Ordering::SeqCst);
+                self.lost.notify_one();
             }
             _ => {}
         }
@@ -385,15 +395,19 @@ impl Shared {
             .broker_roundtrip(Duration::from_millis(now.saturating_sub(sent)));
     }
 
-    fn set_connected(&self, connection: Option<Connection>) {
-        let connected = connection.is_some();
+    fn set_link(&self, link: u8, connection: Option<Connection>) {
         *self.lock_connection() = connection;
-        self.connected.store(connected, Ordering::SeqCst);
-        self.metrics.broker_connected(connected);
-        if !connected {
+        self.link.store(link, Ordering::SeqCst);
+        self.metrics.broker_connected(link == UP);
+        if link == DOWN {
             self.lock_confirmed().clear();
         }
         self.epoch.send_modify(|epoch| *epoch += 1);
+    }
+
+    /// Whether the connection with `generation` has been reported lost.
+    fn is_lost(&self, generation: u64) -> bool {
+        self.lost_generation.load(Ordering::SeqCst) >= generation
     }
 
     /// Subscribes the probe channel and every channel with local subscribers.
@@ -469,26 +483,31 @@ async fn supervise(shared: Arc<Shared>, mut connection: Option<Connection>) {
             if shared.shutdown.is_cancelled() {
                 return;
             }
+            // Always a fresh connection (cluster client included), so that no
+            // subscription the library still tracks from before a loss survives
+            // unwanted: only what `subscribe_all` asks for is subscribed.
             let attempt = match connection.take() {
                 Some(existing) => Ok(existing),
                 None => shared.connect().await,
             };
             let result = match attempt {
-                Ok(mut live) => match shared.subscribe_all(&mut live).await {
-                    Ok(channels) => Ok((live, channels)),
-                    Err(error) => {
-                        if matches!(live, Connection::Cluster(_)) {
-                            // Keep the cluster client: it reconnects shards itself.
-                            connection = Some(live);
-                        }
-                        Err(error)
+                Ok(mut live) => {
+                    shared.set_link(RESUBSCRIBING, Some(live.clone()));
+                    match shared.subscribe_all(&mut live).await {
+                        Ok(channels) => Ok((live, channels)),
+                        Err(error) => Err(error),
                     }
-                },
+                }
                 Err(error) => Err(error),
             };
             match result {
                 Ok(ok) => break ok,
                 Err(error) => {
+                    shared.set_link(DOWN, None);
+                    // Interest changes while down need no replay: the next
+                    // `subscribe_all` takes the hub's state as it is then.
+                    // Dropping them keeps the set bounded during an outage.
+                    shared.hub.take_dirty();
                     let wait = jitter(backoff);
                     warn!(%error, retry_in = ?wait, "Redis unavailable");
                     tokio::select! {
@@ -500,7 +519,8 @@ async fn supervise(shared: Arc<Shared>, mut connection: Option<Connection>) {
             }
         };
         backoff = config.reconnect_min;
-        shared.set_connected(Some(live.clone()));
+        let generation = shared.generation.load(Ordering::SeqCst);
+        shared.set_link(UP, Some(live.clone()));
         // Clients subscribed while the node was not connected (an outage, or
         // before the first connection) may have missed messages.
         let notified = shared.hub.send_gap(&channels);
@@ -516,23 +536,24 @@ async fn supervise(shared: Arc<Shared>, mut connection: Option<Connection>) {
         }
         connected_before = true;
 
-        let lost = steady(&shared, &mut live, &mut probe_sequence).await;
-        shared.set_connected(None);
+        let lost = steady(&shared, &mut live, &mut probe_sequence, generation).await;
+        shared.set_link(DOWN, None);
+        drop(live);
         match lost {
             Lost::Shutdown => return,
-            Lost::Error(reason) => {
-                warn!(%reason, "lost the Redis connection; reconnecting");
-                if matches!(live, Connection::Cluster(_)) {
-                    connection = Some(live);
-                }
-            }
+            Lost::Error(reason) => warn!(%reason, "lost the Redis connection; reconnecting"),
         }
     }
 }
 
 /// Serves a healthy connection until it fails, the probe goes missing, or the
 /// node shuts down.
-async fn steady(shared: &Arc<Shared>, live: &mut Connection, probe_sequence: &mut u64) -> Lost {
+async fn steady(
+    shared: &Arc<Shared>,
+    live: &mut Connection,
+    probe_sequence: &mut u64,
+    generation: u64,
+) -> Lost {
     let config = &shared.config;
     let mut next_probe = Instant::now() + config.probe_interval;
     let mut probe_due: Option<(u64, Instant)> = None;
@@ -547,7 +568,11 @@ async fn steady(shared: &Arc<Shared>, live: &mut Connection, probe_sequence: &mu
         };
         tokio::select! {
             _ = shared.shutdown.cancelled() => return Lost::Shutdown,
-            _ = shared.lost.notified() => return Lost::Error("connection closed".into()),
+            _ = shared.lost.notified() => {
+                if shared.is_lost(generation) {
+                    return Lost::Error("connection closed".into());
+                }
+            }
             _ = shared.hub.interest_changed() => {}
             _ = tokio::time::sleep_until(deadline) => {
                 let now = Instant::now();
@@ -611,7 +636,7 @@ impl Broker for RedisBroker {
             let deadline = Instant::now() + shared.config.subscribe_timeout;
             loop {
                 epoch.borrow_and_update();
-                if !shared.connected.load(Ordering::SeqCst) {
+                if shared.link.load(Ordering::SeqCst) == DOWN {
                     // Accepted now; takes effect when the node reconnects,
                     // followed by a gap frame.
                     return Ok(());
@@ -636,6 +661,6 @@ impl Broker for RedisBroker {
 
     fn is_ready(&self) -> bool {
         !self.shared.config.readiness_requires_broker
-            || self.shared.connected.load(Ordering::SeqCst)
+            || self.shared.link.load(Ordering::SeqCst) == UP
     }
 }
