@@ -495,9 +495,7 @@ where
         if now >= expiry {
             outbox.close(CloseCode::TokenExpired);
         }
-        let rate_due = outbox.release_due(now);
-
-        let drained = outbox.drain(&mut frames, MAX_BATCH_BYTES);
+        let drained = outbox.drain(&mut frames, MAX_BATCH_BYTES, now);
         if let Some(payload) = &drained.pong {
             protocol::write_frame(&mut buffer, Opcode::Pong, payload);
         }
@@ -530,7 +528,7 @@ where
             let _ = tokio::time::timeout(CLOSE_GRACE, io.shutdown()).await;
             return reason;
         }
-        if outbox.has_pending() {
+        if drained.more {
             continue;
         }
 
@@ -538,7 +536,7 @@ where
         if let Some((_, due)) = awaiting_pong {
             deadline = deadline.min(due);
         }
-        if let Some(due) = rate_due {
+        if let Some(due) = drained.next_release {
             deadline = deadline.min(due);
         }
         // Re-arming the timer costs a timer-wheel update, so it is done only

@@ -320,8 +320,8 @@ mod tests {
         assert_eq!(hub.deliver("news", b"{\"x\":1}"), 2);
         assert_eq!(hub.deliver("other", b"1"), 0);
         let (mut fa, mut fb) = (Vec::new(), Vec::new());
-        a.drain(&mut fa, usize::MAX);
-        b.drain(&mut fb, usize::MAX);
+        a.drain(&mut fa, usize::MAX, tokio::time::Instant::now());
+        b.drain(&mut fb, usize::MAX, tokio::time::Instant::now());
         assert_eq!(
             fa[0].as_ptr(),
             fb[0].as_ptr(),

@@ -73,6 +73,11 @@ pub struct Drained {
     pub closing: Option<Closing>,
     /// How many of the drained frames are channel messages (not replies).
     pub messages: u64,
+    /// Entries were left queued (the batch was full): drain again without
+    /// waiting. Pushes to an empty queue wake the writer by themselves.
+    pub more: bool,
+    /// When the next held rate-limited message is due, if any.
+    pub next_release: Option<Instant>,
 }
 
 pub struct Outbox {
@@ -319,8 +324,7 @@ impl Outbox {
 
     /// Moves rate-limited messages whose time has come into the queue, and
     /// returns when the next one is due.
-    pub fn release_due(&self, now: Instant) -> Option<Instant> {
-        let mut state = self.lock();
+    fn release_due(&self, state: &mut State, now: Instant) -> Option<Instant> {
         if state.rated.is_empty() || state.closing.is_some() {
             return None;
         }
@@ -339,16 +343,20 @@ impl Outbox {
             }
         }
         for (frame, channel, slow) in due {
-            self.enqueue(&mut state, frame, channel, slow);
+            self.enqueue(state, frame, channel, slow);
         }
         next
     }
 
-    /// Takes queued frames, oldest first, until `max_bytes` is reached.
-    pub fn drain(&self, frames: &mut Vec<Bytes>, max_bytes: usize) -> Drained {
+    /// Releases rate-limited messages that are due at `now`, then takes queued
+    /// frames, oldest first, until `max_bytes` is reached. One lock per call:
+    /// this is the writer's whole view of the outbox.
+    pub fn drain(&self, frames: &mut Vec<Bytes>, max_bytes: usize, now: Instant) -> Drained {
         let mut state = self.lock();
+        let next_release = self.release_due(&mut state, now);
         let mut drained = Drained {
             pong: state.pong.take(),
+            next_release,
             ..Drained::default()
         };
         let mut taken = 0;
@@ -369,12 +377,15 @@ impl Outbox {
                 state.queue = VecDeque::new();
             }
             drained.closing = state.closing.clone();
+        } else {
+            drained.more = true;
         }
         drained
     }
 
-    /// Whether the writer has anything left to send.
-    pub fn has_pending(&self) -> bool {
+    /// Whether anything is queued or a pong is pending.
+    #[cfg(test)]
+    fn has_pending(&self) -> bool {
         let state = self.lock();
         !state.queue.is_empty() || state.pong.is_some()
     }
@@ -429,7 +440,7 @@ mod tests {
 
     fn drain_all(outbox: &Outbox) -> (Vec<Bytes>, Drained) {
         let mut frames = Vec::new();
-        let drained = outbox.drain(&mut frames, usize::MAX);
+        let drained = outbox.drain(&mut frames, usize::MAX, Instant::now());
         (frames, drained)
     }
 
@@ -528,13 +539,13 @@ mod tests {
         for i in 0..5 {
             outbox.push_message(&Bytes::from(format!("m{i}")), 7, &limited);
         }
-        let (frames, _) = drain_all(&outbox);
+        let (frames, drained) = drain_all(&outbox);
         assert_eq!(frames, ["m0"]);
-        let due = outbox.release_due(Instant::now()).expect("a held message");
+        let due = drained.next_release.expect("a held message");
         tokio::time::advance(Duration::from_millis(100)).await;
         assert!(due <= Instant::now());
-        assert_eq!(outbox.release_due(Instant::now()), None);
-        let (frames, _) = drain_all(&outbox);
+        let (frames, drained) = drain_all(&outbox);
+        assert_eq!(drained.next_release, None);
         assert_eq!(frames, ["m4"]);
     }
 }

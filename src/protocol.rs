@@ -397,17 +397,6 @@ pub fn write_frame(out: &mut Vec<u8>, opcode: Opcode, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
-/// The bytes of a frame header for a payload of `len` bytes.
-pub const fn frame_overhead(len: usize) -> usize {
-    if len < 126 {
-        2
-    } else if len <= u16::MAX as usize {
-        4
-    } else {
-        10
-    }
-}
-
 /// The payload of a close frame: the code, then the reason.
 pub fn close_payload(code: CloseCode) -> Vec<u8> {
     let mut payload = code.code().to_be_bytes().to_vec();
@@ -511,6 +500,24 @@ mod tests {
     }
 
     #[test]
+    fn reconnect_advice_matches_the_protocol_doc() {
+        use CloseCode::*;
+        for code in [
+            GoingAway,
+            TokenExpired,
+            SlowConsumer,
+            PingTimeout,
+            PolicyViolation,
+            Normal,
+        ] {
+            assert!(code.should_reconnect(), "{code:?}");
+        }
+        for code in [ProtocolError, InvalidPayload, MessageTooBig, Forbidden] {
+            assert!(!code.should_reconnect(), "{code:?}");
+        }
+    }
+
+    #[test]
     fn frames() {
         let mut out = Vec::new();
         write_frame(&mut out, Opcode::Text, b"hi");
@@ -518,7 +525,8 @@ mod tests {
         out.clear();
         write_frame(&mut out, Opcode::Text, &[0; 300]);
         assert_eq!(&out[..4], &[0x81, 126, 1, 44]);
-        assert_eq!(out.len(), 300 + frame_overhead(300));
+        // 2 bytes of header plus a 16-bit length.
+        assert_eq!(out.len(), 300 + 4);
         out.clear();
         write_frame(
             &mut out,
