@@ -14,7 +14,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::channel::{self, Pattern};
+use crate::channel::{Pattern, SubjectTemplate};
 use crate::config::{AuthConfig, ConfigError};
 
 /// An authenticated client.
@@ -103,7 +103,7 @@ pub struct Authenticator {
     leeway: u64,
     channels_claim: String,
     /// `auth.user_channels`, still holding their `{sub}` placeholders.
-    user_channels: Vec<String>,
+    user_channels: Vec<SubjectTemplate>,
     max_token_bytes: usize,
 }
 
@@ -196,11 +196,15 @@ impl Authenticator {
                 Some(key)
             }
         };
-        for template in &config.user_channels {
-            Pattern::parse(&template.replace("{sub}", "x")).map_err(|e| {
-                ConfigError::invalid("auth.user_channels", format!("{template:?}: {e}"))
-            })?;
-        }
+        let user_channels = config
+            .user_channels
+            .iter()
+            .map(|template| {
+                SubjectTemplate::parse(template).map_err(|e| {
+                    ConfigError::invalid("auth.user_channels", format!("{template:?}: {e}"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
 
         let mut validation = Validation::new(algorithms[0]);
         validation.leeway = config.leeway.as_secs();
@@ -240,7 +244,7 @@ impl Authenticator {
             public_key,
             leeway: config.leeway.as_secs(),
             channels_claim: config.channels_claim.clone(),
-            user_channels: config.user_channels.clone(),
+            user_channels,
             max_token_bytes: config.max_token_bytes,
         })
     }
@@ -316,15 +320,13 @@ impl Authenticator {
             }
             Some(_) => return Err(AuthError::InvalidClaim(self.channels_claim.clone())),
         }
-        // `{sub}` is substituted only with a subject that is itself a valid
-        // channel name, so a subject such as `*` can never become a wildcard.
-        if channel::validate_name(&sub).is_ok() {
-            for template in &self.user_channels {
-                if let Ok(pattern) = Pattern::parse(&template.replace("{sub}", &sub)) {
-                    grants.push(pattern);
-                }
-            }
-        }
+        // The subject is escaped into one literal segment, so it matches
+        // exactly itself: see `SubjectTemplate`.
+        grants.extend(
+            self.user_channels
+                .iter()
+                .filter_map(|template| template.instantiate(&sub)),
+        );
         Ok(Principal {
             user: sub.into(),
             grants: grants.into(),
@@ -456,6 +458,33 @@ mod tests {
             .authenticate(&mint_hs256(SECRET, "*", &[], Duration::from_secs(60)))
             .unwrap();
         assert!(!sneaky.may_subscribe("user.eve.inbox"));
+        // A subject that is a prefix of another's, cut at a separator, gets
+        // only its own channels.
+        for (subject, foreign) in [
+            ("alice", "user.alice=2Ebob.inbox"),
+            ("alice.bob", "user.alice.bob.inbox"),
+            ("alice*", "user.alice.inbox"),
+            ("a/b", "user.a/b.inbox"),
+            ("a", "user.a=2Fb.inbox"),
+            ("", "user..inbox"),
+        ] {
+            let principal = auth
+                .authenticate(&mint_hs256(SECRET, subject, &[], Duration::from_secs(60)))
+                .unwrap();
+            assert!(
+                !principal.may_subscribe(foreign),
+                "{subject:?} got {foreign}"
+            );
+        }
+        let dotted = auth
+            .authenticate(&mint_hs256(
+                SECRET,
+                "alice.bob",
+                &[],
+                Duration::from_secs(60),
+            ))
+            .unwrap();
+        assert!(dotted.may_subscribe("user.alice=2Ebob.inbox"));
     }
 
     #[test]

@@ -107,6 +107,89 @@ fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
     pattern[p..].iter().all(|&b| b == b'*')
 }
 
+/// The placeholder for the token's subject in `auth.user_channels`.
+pub const SUBJECT_PLACEHOLDER: &str = "{sub}";
+
+/// Characters that separate the segments of a channel name.
+const SEPARATORS: &[u8] = b".:/";
+
+/// Why a `{sub}` template was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("`{{sub}}` must be a whole segment, between `.`, `:`, `/` or the ends")]
+    PartialSegment,
+    #[error("`*` may not come before `{{sub}}`: the subject's position must be fixed")]
+    WildcardBeforeSubject,
+    #[error("{0}")]
+    Pattern(#[from] ChannelNameError),
+}
+
+/// A per-user grant such as `user.{sub}.*`.
+///
+/// The rule that makes it exact: the subject is escaped so that it contains no
+/// separator (`.`, `:`, `/`), `*` or `=` ([`escape_subject`]); `{sub}` must be a
+/// whole segment; and no `*` may come before it. Then the literal text before
+/// `{sub}` fixes where the subject starts, the next separator where it ends, and
+/// a channel matches the template of at most one subject: with `user.{sub}.*`,
+/// `alice` is granted `user.alice.inbox` but never `user.alice=2Ebob.inbox`,
+/// which is the channel of `alice.bob`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectTemplate(Box<str>);
+
+impl SubjectTemplate {
+    pub fn parse(text: &str) -> Result<SubjectTemplate, TemplateError> {
+        Pattern::parse(&text.replace(SUBJECT_PLACEHOLDER, "x"))?;
+        let bytes = text.as_bytes();
+        for (start, _) in text.match_indices(SUBJECT_PLACEHOLDER) {
+            let end = start + SUBJECT_PLACEHOLDER.len();
+            let bounded_before = start == 0 || SEPARATORS.contains(&bytes[start - 1]);
+            let bounded_after = end == bytes.len() || SEPARATORS.contains(&bytes[end]);
+            if !bounded_before || !bounded_after {
+                return Err(TemplateError::PartialSegment);
+            }
+            if text[..start].contains('*') {
+                return Err(TemplateError::WildcardBeforeSubject);
+            }
+        }
+        Ok(SubjectTemplate(text.into()))
+    }
+
+    /// The pattern for `subject`, or `None` when the subject is empty or the
+    /// result would be longer than [`MAX_CHANNEL_LEN`].
+    pub fn instantiate(&self, subject: &str) -> Option<Pattern> {
+        if subject.is_empty() {
+            return None;
+        }
+        Pattern::parse(
+            &self
+                .0
+                .replace(SUBJECT_PLACEHOLDER, &escape_subject(subject)),
+        )
+        .ok()
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Escapes a token subject for use as one channel segment: ASCII letters,
+/// digits, `_`, `-` and `@` stay as they are; every other byte of its UTF-8
+/// form becomes `=XX` (two upper-case hex digits). The escape is injective and
+/// its output never contains a separator or `*`. Backends that publish to a
+/// user's channel apply the same function: `alice.b@x.io` → `alice=2Eb@x=2Eio`.
+pub fn escape_subject(subject: &str) -> String {
+    let mut escaped = String::with_capacity(subject.len());
+    for byte in subject.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-' | b'@') {
+            escaped.push(char::from(byte));
+        } else {
+            escaped.push_str(&format!("={byte:02X}"));
+        }
+    }
+    escaped
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +231,103 @@ mod tests {
             Err(ChannelNameError::TooLong)
         );
         assert_eq!(validate_name(&"x".repeat(MAX_CHANNEL_LEN)), Ok(()));
+    }
+
+    fn grants(template: &str, subject: &str, channel: &str) -> bool {
+        SubjectTemplate::parse(template)
+            .unwrap()
+            .instantiate(subject)
+            .is_some_and(|pattern| pattern.matches(channel))
+    }
+
+    #[test]
+    fn a_substituted_subject_matches_only_itself() {
+        let template = "user.{sub}.*";
+        assert!(grants(template, "alice", "user.alice.inbox"));
+        assert!(grants(template, "alice", "user.alice.a.b"));
+        // `alice` must not read the channels of `alice.bob`, whichever way
+        // they are spelled.
+        assert!(!grants(template, "alice", "user.alice=2Ebob.inbox"));
+        assert!(grants(template, "alice.bob", "user.alice=2Ebob.inbox"));
+        assert!(!grants(template, "alice.bob", "user.alice.bob.inbox"));
+        // A wildcard in the subject is a literal.
+        assert!(!grants(template, "alice*", "user.alice.inbox"));
+        assert!(!grants(template, "alice*", "user.alicebob.inbox"));
+        assert!(grants(template, "alice*", "user.alice=2A.inbox"));
+        assert!(!grants(template, "*", "user.eve.inbox"));
+        // Other separators.
+        assert!(!grants(template, "a/b", "user.a/b.x"));
+        assert!(!grants(template, "a/b", "user.a.x"));
+        assert!(grants(template, "a/b", "user.a=2Fb.x"));
+        assert!(!grants("user:{sub}:*", "a:b", "user:a:b:x"));
+        // An empty subject is granted nothing.
+        assert!(!grants(template, "", "user..inbox"));
+        assert!(
+            SubjectTemplate::parse(template)
+                .unwrap()
+                .instantiate("")
+                .is_none()
+        );
+        // Non-ASCII subjects are escaped byte by byte.
+        assert_eq!(escape_subject("é"), "=C3=A9");
+        assert_eq!(escape_subject("a=b"), "a=3Db");
+    }
+
+    #[test]
+    fn every_channel_belongs_to_at_most_one_subject() {
+        let subjects = [
+            "alice",
+            "alice.bob",
+            "alice*",
+            "a/b",
+            "a",
+            "b",
+            "a.b",
+            "a=2Eb",
+            "@",
+            "alice bob",
+        ];
+        let channels = [
+            "user.alice.inbox",
+            "user.alice.bob.inbox",
+            "user.alice=2Ebob.inbox",
+            "user.a.b.x",
+            "user.a=2Eb.x",
+            "user.a=3D2Eb.x",
+            "user.a=2Fb.x",
+            "user.@.x",
+            "user.alice=20bob.x",
+        ];
+        for template in ["user.{sub}.*", "user.{sub}", "{sub}.*", "user/{sub}/{sub}"] {
+            for channel in channels {
+                let owners: Vec<_> = subjects
+                    .iter()
+                    .filter(|subject| grants(template, subject, channel))
+                    .collect();
+                assert!(
+                    owners.len() <= 1,
+                    "{template} grants {channel} to {owners:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn templates_must_fix_the_subject_segment() {
+        let check = |text: &str, expected: Result<(), TemplateError>| {
+            assert_eq!(SubjectTemplate::parse(text).map(|_| ()), expected, "{text}");
+        };
+        check("user.{sub}.*", Ok(()));
+        check("{sub}", Ok(()));
+        check("user:{sub}/inbox", Ok(()));
+        check("user.{sub}*", Err(TemplateError::PartialSegment));
+        check("user.x{sub}", Err(TemplateError::PartialSegment));
+        check("*.{sub}", Err(TemplateError::WildcardBeforeSubject));
+        check("user.*.{sub}.*", Err(TemplateError::WildcardBeforeSubject));
+        check(
+            "user {sub}",
+            Err(TemplateError::Pattern(ChannelNameError::BadCharacter)),
+        );
     }
 
     #[test]
