@@ -92,6 +92,17 @@ impl NodeState {
     }
 }
 
+/// Checks what only the components can: key files, algorithms, grant
+/// templates, Redis URLs, CIDRs and Origin rules, by building each component
+/// without starting it. [`Config::load`] checks the rest. The binary calls both
+/// before binding, so a bad value exits 64 naming its key.
+pub fn check_config(config: &Config) -> Result<(), ConfigError> {
+    Authenticator::from_config(&config.auth)?;
+    Admission::from_config(config)?;
+    crate::broker::redis::check_config(&config.broker)?;
+    Ok(())
+}
+
 async fn start(config: Config) -> Result<Node, StartError> {
     let id: Arc<str> = config.node_id().into();
     let auth = Authenticator::from_config(&config.auth)?;
@@ -154,4 +165,92 @@ pub async fn run(
     }
     .instrument(span)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config::RedisUrl;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    /// Loads like the binary does: the configuration, then its components.
+    fn load(
+        file: Option<&std::path::Path>,
+        env: HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let config = Config::load_with_env(file, env)?;
+        check_config(&config)?;
+        Ok(config)
+    }
+
+    #[test]
+    fn redis_urls_are_checked_and_redacted() {
+        let base = [
+            ("HERALD_AUTH__HMAC_SECRET", SECRET),
+            ("HERALD_BROKER__KIND", "redis"),
+        ];
+        let err = load(None, env(&base)).unwrap_err().to_string();
+        assert!(err.contains("broker.url"), "{err}");
+        let mut bad = base.to_vec();
+        bad.push(("HERALD_BROKER__URL", "http://nope"));
+        let err = load(None, env(&bad)).unwrap_err().to_string();
+        assert!(err.contains("broker.url"), "{err}");
+        let mut good = base.to_vec();
+        good.push((
+            "HERALD_BROKER__URL",
+            "redis://app:hunter2@redis.internal:6380/2",
+        ));
+        let config = load(None, env(&good)).unwrap();
+        let text = config.to_redacted_toml();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(
+            text.contains("redis://<redacted>@redis.internal:6380/2"),
+            "{text}"
+        );
+        let socket = RedisUrl::new("unix:///run/redis.sock?db=1&pass=hunter2");
+        assert_eq!(
+            socket.redacted(),
+            "unix:///run/redis.sock?db=1&pass=<redacted>"
+        );
+        let cluster = [
+            ("HERALD_AUTH__HMAC_SECRET", SECRET),
+            ("HERALD_BROKER__KIND", "redis-cluster"),
+            (
+                "HERALD_BROKER__CLUSTER_URLS",
+                "redis://a:7000,redis://b:7001",
+            ),
+        ];
+        let config = load(None, env(&cluster)).unwrap();
+        assert_eq!(config.broker.cluster_urls.len(), 2);
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let check = |pairs: &[(&str, &str)], key: &str| {
+            let mut all = vec![("HERALD_AUTH__HMAC_SECRET", SECRET)];
+            all.extend_from_slice(pairs);
+            let err = load(None, env(&all)).unwrap_err().to_string();
+            assert!(err.contains(key), "expected {key} in {err}");
+        };
+        check(&[("HERALD_PING__INTERVAL", "0s")], "ping.interval");
+        check(&[("HERALD_PING__TIMEOUT", "soon")], "ping.timeout");
+        check(&[("HERALD_AUTH__HMAC_SECRET", "short")], "auth.hmac_secret");
+        check(&[("HERALD_AUTH__ALGORITHMS", "none")], "auth.algorithms");
+        check(&[("HERALD_API__KEY", "x")], "api.key");
+        check(
+            &[("HERALD_LIMITS__QUEUE_MESSAGES", "0")],
+            "limits.queue_messages",
+        );
+        check(&[("HERALD_SERVER__LISTEN", "nowhere")], "server.listen");
+    }
 }

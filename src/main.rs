@@ -61,7 +61,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config } => match Config::load(config.as_deref()) {
+        Command::Serve { config } => match load(config.as_deref()) {
             Ok(config) => serve(config, None),
             Err(error) => invalid(error),
         },
@@ -74,7 +74,7 @@ fn main() -> ExitCode {
             channels,
             ttl,
             config,
-        } => match Config::load(config.as_deref()) {
+        } => match load(config.as_deref()) {
             Ok(config) => {
                 let Some(secret) = config.auth.hmac_secret else {
                     return invalid(ConfigError::invalid(
@@ -96,7 +96,7 @@ fn main() -> ExitCode {
             }
             Err(error) => invalid(error),
         },
-        Command::CheckConfig { config } => match Config::load(config.as_deref()) {
+        Command::CheckConfig { config } => match load(config.as_deref()) {
             Ok(config) => {
                 print!("{}", config.to_redacted_toml());
                 ExitCode::SUCCESS
@@ -104,6 +104,14 @@ fn main() -> ExitCode {
             Err(error) => invalid(error),
         },
     }
+}
+
+/// Loads the configuration and checks it against the components, before any
+/// port is bound.
+fn load(file: Option<&std::path::Path>) -> Result<Config, ConfigError> {
+    let config = Config::load(file)?;
+    herald::check_config(&config)?;
+    Ok(config)
 }
 
 fn invalid(error: ConfigError) -> ExitCode {
@@ -131,6 +139,7 @@ fn dev_config(file: Option<PathBuf>) -> Result<(Config, String), ConfigError> {
         config.server.listen.set_ip([127, 0, 0, 1].into());
     }
     config.validate()?;
+    herald::check_config(&config)?;
     let mut address = config.server.listen;
     if address.ip().is_unspecified() {
         address.set_ip([127, 0, 0, 1].into());

@@ -55,6 +55,7 @@ impl TestNode {
         let mut config = test_config();
         adjust(&mut config);
         config.validate().expect("test configuration is valid");
+        herald::check_config(&config).expect("test configuration is valid");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
