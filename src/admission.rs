@@ -28,6 +28,9 @@ pub enum Refusal {
     PerIp,
     /// `limits.connection_rate` exceeded: 429 after the given wait.
     Rate(Duration),
+    /// `limits.connection_rate_per_ip` exceeded by this client address, before
+    /// its token was even looked at: 429 after the given wait.
+    AttemptRate(Duration),
 }
 
 impl Refusal {
@@ -37,6 +40,7 @@ impl Refusal {
             Refusal::NodeFull => "max_connections",
             Refusal::PerIp => "max_connections_per_ip",
             Refusal::Rate(_) => "connection_rate",
+            Refusal::AttemptRate(_) => "connection_rate_per_ip",
         }
     }
 
@@ -45,7 +49,9 @@ impl Refusal {
         match self {
             Refusal::Origin => None,
             Refusal::NodeFull | Refusal::PerIp => Some(1),
-            Refusal::Rate(wait) => Some(wait.as_secs_f64().ceil().max(1.0) as u64),
+            Refusal::Rate(wait) | Refusal::AttemptRate(wait) => {
+                Some(wait.as_secs_f64().ceil().max(1.0) as u64)
+            }
         }
     }
 }
@@ -80,7 +86,12 @@ pub struct Admission {
     /// Open connections per client IP. An entry exists only while its count is
     /// above zero, so the map is bounded by `limits.max_connections`.
     per_ip: IpCounts,
+    /// The node-wide bucket, charged only for upgrades whose token was accepted,
+    /// so that tokenless floods cannot starve legitimate clients.
     rate: Mutex<TokenBucket>,
+    /// Per-address buckets charged for every upgrade attempt before its token
+    /// is checked; `None` when `limits.connection_rate_per_ip` is 0.
+    attempts: Option<AttemptBuckets>,
     proxy_header: Option<HeaderName>,
     trusted_proxies: Vec<IpNet>,
 }
@@ -135,31 +146,71 @@ impl Admission {
                 limits.connection_burst as f64,
                 Instant::now(),
             )),
+            attempts: (limits.connection_rate_per_ip > 0.0).then(|| {
+                AttemptBuckets::new(
+                    limits.connection_rate_per_ip,
+                    limits.connection_burst_per_ip as f64,
+                )
+            }),
             proxy_header,
             trusted_proxies,
         })
     }
 
-    /// The client's IP: the peer, or, when the peer is a trusted proxy, the
-    /// last address it appended to the configured header.
+    /// The client's IP. Without a trusted proxy in front it is the peer. When
+    /// the peer is one of `server.trusted_proxies`, the header is read from its
+    /// end: the last entry is what that proxy saw, and the walk goes further
+    /// back only while the address found is itself a trusted proxy. An entry
+    /// that does not parse (`unknown`, an obfuscated name, garbage) stops the
+    /// walk at the last trusted hop, so a forged earlier entry never wins.
+    /// Entries may carry a port (`1.2.3.4:5678`, `[::1]:80`) or be written the
+    /// `Forwarded` way (`for="[2001:db8::1]:80";proto=https`).
     pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         // An IPv4 client of a dual-stack listener appears as ::ffff:a.b.c.d.
         let peer = peer.to_canonical();
         let Some(header) = &self.proxy_header else {
             return peer;
         };
-        if !self.trusted_proxies.iter().any(|net| net.contains(&peer)) {
+        if !self.is_trusted_proxy(peer) {
             return peer;
         }
-        headers
-            .get_all(header)
+        let mut values = Vec::new();
+        for value in headers.get_all(header) {
+            match value.to_str() {
+                Ok(text) => values.push(text),
+                // Unreadable bytes may hide the proxy's own entry.
+                Err(_) => return peer,
+            }
+        }
+        let mut client = peer;
+        for entry in values.iter().flat_map(|value| value.split(',')).rev() {
+            match parse_forwarded_address(entry) {
+                Some(address) => {
+                    client = address;
+                    if !self.is_trusted_proxy(address) {
+                        return address;
+                    }
+                }
+                None => return client,
+            }
+        }
+        client
+    }
+
+    fn is_trusted_proxy(&self, address: IpAddr) -> bool {
+        self.trusted_proxies
             .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .filter_map(|item| item.trim().parse::<IpAddr>().ok())
-            .map(|ip| ip.to_canonical())
-            .next_back()
-            .unwrap_or(peer)
+            .any(|net| net.contains(&address))
+    }
+
+    /// Charges the client's address for one upgrade attempt. Called before the
+    /// token is verified, so that one address cannot spend the node's CPU on
+    /// signature checks, nor the node's connection budget.
+    pub fn check_attempt(&self, client: IpAddr) -> Result<(), Refusal> {
+        match &self.attempts {
+            Some(buckets) => buckets.try_take(client, Instant::now()),
+            None => Ok(()),
+        }
     }
 
     /// Checks the Origin: absent (not a browser) or on the allow-list.
@@ -204,6 +255,111 @@ impl Admission {
             return Err(Refusal::Rate(rate.retry_after()));
         }
         Ok(admitted)
+    }
+}
+
+/// Parses one entry of a forwarding header: an address, with or without a
+/// port, bracketed or not, or a `Forwarded` element's `for=` parameter.
+fn parse_forwarded_address(entry: &str) -> Option<IpAddr> {
+    let mut text = entry.trim();
+    if text.contains('=') {
+        text = text.split(';').find_map(|pair| {
+            let (key, value) = pair.split_once('=')?;
+            key.trim()
+                .eq_ignore_ascii_case("for")
+                .then_some(value.trim())
+        })?;
+    }
+    let text = text.trim_matches('"');
+    let address = if let Some(bracketed) = text.strip_prefix('[') {
+        let (address, rest) = bracketed.split_once(']')?;
+        if !(rest.is_empty() || rest.strip_prefix(':').is_some_and(is_port)) {
+            return None;
+        }
+        address.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6)?
+    } else if let Ok(address) = text.parse::<IpAddr>() {
+        address
+    } else {
+        let (host, port) = text.rsplit_once(':')?;
+        if !is_port(port) {
+            return None;
+        }
+        host.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)?
+    };
+    Some(address.to_canonical())
+}
+
+fn is_port(text: &str) -> bool {
+    !text.is_empty() && text.len() <= 5 && text.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The most client addresses with an attempt bucket at once.
+const MAX_TRACKED_ADDRESSES: usize = 65_536;
+
+/// Per-address attempt buckets. IPv6 addresses are grouped by /64, the
+/// smallest block one subscriber usually holds. Bounded: at most
+/// [`MAX_TRACKED_ADDRESSES`] entries. When full, buckets that have refilled
+/// (they hold no information) are swept, at most once a second; addresses
+/// that still find no room share one overflow bucket.
+struct AttemptBuckets {
+    rate: f64,
+    burst: f64,
+    state: Mutex<AttemptState>,
+}
+
+struct AttemptState {
+    buckets: HashMap<IpAddr, TokenBucket>,
+    overflow: TokenBucket,
+    last_sweep: Option<Instant>,
+}
+
+impl AttemptBuckets {
+    fn new(rate: f64, burst: f64) -> AttemptBuckets {
+        AttemptBuckets {
+            rate,
+            burst,
+            state: Mutex::new(AttemptState {
+                buckets: HashMap::new(),
+                overflow: TokenBucket::new(rate, burst, Instant::now()),
+                last_sweep: None,
+            }),
+        }
+    }
+
+    fn try_take(&self, client: IpAddr, now: Instant) -> Result<(), Refusal> {
+        let key = match client {
+            IpAddr::V6(v6) => {
+                let mut octets = v6.octets();
+                octets[8..].fill(0);
+                IpAddr::from(octets)
+            }
+            v4 => v4,
+        };
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = &mut *state;
+        if !state.buckets.contains_key(&key) && state.buckets.len() >= MAX_TRACKED_ADDRESSES {
+            let due = state
+                .last_sweep
+                .is_none_or(|last| now.saturating_duration_since(last) >= Duration::from_secs(1));
+            if due {
+                state.last_sweep = Some(now);
+                state.buckets.retain(|_, bucket| !bucket.is_full(now));
+            }
+        }
+        let bucket =
+            if state.buckets.len() < MAX_TRACKED_ADDRESSES || state.buckets.contains_key(&key) {
+                state
+                    .buckets
+                    .entry(key)
+                    .or_insert_with(|| TokenBucket::new(self.rate, self.burst, now))
+            } else {
+                &mut state.overflow
+            };
+        if bucket.try_take(now) {
+            Ok(())
+        } else {
+            Err(Refusal::AttemptRate(bucket.retry_after()))
+        }
     }
 }
 
@@ -316,6 +472,108 @@ mod tests {
     fn check(rule: &str, origin: &str, expected: bool) {
         let parsed = OriginRule::parse(rule).unwrap_or_else(|| panic!("rule {rule}"));
         assert_eq!(parsed.matches(origin), expected, "{rule} vs {origin}");
+    }
+
+    fn admission(header: &str, trusted: &[&str]) -> Admission {
+        let mut config = Config::default();
+        config.server.trusted_proxy_header = Some(header.to_owned());
+        config.server.trusted_proxies = trusted.iter().map(|t| (*t).to_owned()).collect();
+        Admission::from_config(&config).unwrap()
+    }
+
+    fn client_ip(admission: &Admission, peer: &str, values: &[&str]) -> String {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append(
+                admission.proxy_header.clone().unwrap(),
+                hyper::header::HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        admission
+            .client_ip(peer.parse().unwrap(), &headers)
+            .to_string()
+    }
+
+    #[test]
+    fn forwarded_addresses_cannot_be_spoofed() {
+        let check = |peer: &str, values: &[&str], expected: &str| {
+            let admission = admission("x-forwarded-for", &["10.0.0.0/8", "fd00::/8"]);
+            assert_eq!(
+                client_ip(&admission, peer, values),
+                expected,
+                "{peer} {values:?}"
+            );
+        };
+        // An untrusted peer is the client, whatever it claims.
+        check("203.0.113.9", &["1.1.1.1"], "203.0.113.9");
+        // A trusted proxy's own entry is the last one.
+        check("10.0.0.1", &["1.1.1.1, 203.0.113.7"], "203.0.113.7");
+        // The proxy appends ip:port: its entry is still the one used, and the
+        // forged entry before it is not.
+        check("10.0.0.1", &["6.6.6.6, 203.0.113.7:51234"], "203.0.113.7");
+        check("10.0.0.1", &["6.6.6.6", "[2001:db8::7]:443"], "2001:db8::7");
+        check("10.0.0.1", &["6.6.6.6, [2001:db8::7]"], "2001:db8::7");
+        check("10.0.0.1", &["6.6.6.6, 2001:db8::7"], "2001:db8::7");
+        check(
+            "10.0.0.1",
+            &["for=6.6.6.6, for=\"[2001:db8::7]:80\";proto=https"],
+            "2001:db8::7",
+        );
+        check(
+            "10.0.0.1",
+            &["6.6.6.6, for=203.0.113.7;by=10.0.0.1"],
+            "203.0.113.7",
+        );
+        // An entry that does not parse stops the walk at the proxy.
+        check("10.0.0.1", &["6.6.6.6, unknown"], "10.0.0.1");
+        check("10.0.0.1", &["6.6.6.6, _hidden"], "10.0.0.1");
+        check("10.0.0.1", &["6.6.6.6, 1.2.3.4:99999999"], "10.0.0.1");
+        // Trusted hops are walked over, untrusted ones end the walk.
+        check(
+            "10.0.0.1",
+            &["6.6.6.6, 203.0.113.7, 10.0.0.2"],
+            "203.0.113.7",
+        );
+        check("10.0.0.1", &["6.6.6.6, garbage, 10.0.0.2"], "10.0.0.2");
+        check("10.0.0.1", &["10.0.0.3, 10.0.0.2"], "10.0.0.3");
+        // No header: the peer.
+        check("10.0.0.1", &[], "10.0.0.1");
+        check("::ffff:10.0.0.1", &["203.0.113.7"], "203.0.113.7");
+    }
+
+    #[test]
+    fn attempt_buckets_are_per_address_and_bounded() {
+        let buckets = AttemptBuckets::new(1.0, 2.0);
+        let now = Instant::now();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        assert!(buckets.try_take(a, now).is_ok());
+        assert!(buckets.try_take(a, now).is_ok());
+        assert!(matches!(
+            buckets.try_take(a, now),
+            Err(Refusal::AttemptRate(_))
+        ));
+        assert!(buckets.try_take(b, now).is_ok());
+        // One IPv6 /64 is one client.
+        let v6a: IpAddr = "2001:db8::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8::ffff:2".parse().unwrap();
+        assert!(buckets.try_take(v6a, now).is_ok());
+        assert!(buckets.try_take(v6b, now).is_ok());
+        assert!(buckets.try_take(v6a, now).is_err());
+        // Full: refilled buckets are swept to make room.
+        for i in 0..MAX_TRACKED_ADDRESSES as u32 {
+            let _ = buckets.try_take(IpAddr::from(i.to_be_bytes()), now);
+        }
+        let state = buckets.state.lock().unwrap();
+        assert!(state.buckets.len() <= MAX_TRACKED_ADDRESSES);
+        drop(state);
+        let later = now + Duration::from_secs(5);
+        assert!(
+            buckets
+                .try_take("198.51.100.1".parse().unwrap(), later)
+                .is_ok()
+        );
+        assert!(buckets.state.lock().unwrap().buckets.len() < 10);
     }
 
     #[test]

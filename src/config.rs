@@ -120,6 +120,15 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// The largest request head (request line and headers) accepted, in bytes.
     pub max_header_bytes: usize,
+    /// Open HTTP connections that are not (yet) WebSockets: handshakes in
+    /// progress, API calls, probes and scrapes. Beyond it a new connection gets
+    /// a 503 and is closed. Upgraded connections count against
+    /// `limits.max_connections` instead.
+    pub max_http_connections: usize,
+    /// How long a kept-alive HTTP connection may sit between requests before
+    /// the node closes it.
+    #[serde(with = "humantime_serde")]
+    pub http_idle_timeout: Duration,
     /// Origins allowed to open WebSockets: `https://app.example.com`,
     /// `https://*.example.com` (subdomains at any depth) or `*`. Empty allows
     /// all. Requests without an Origin header (non-browser clients) are allowed.
@@ -137,6 +146,8 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
+            max_http_connections: 4096,
+            http_idle_timeout: Duration::from_secs(30),
             allowed_origins: Vec::new(),
             trusted_proxy_header: None,
             trusted_proxies: Vec::new(),
@@ -365,6 +376,13 @@ pub struct LimitsConfig {
     pub connection_rate: f64,
     /// New WebSocket connections allowed in a burst above `connection_rate`.
     pub connection_burst: usize,
+    /// Upgrade attempts per second per client address (IPv6: per /64),
+    /// charged before the token is checked; 0 turns it off. Behind a proxy,
+    /// set `server.trusted_proxy_header`, or every client shares the proxy's
+    /// budget.
+    pub connection_rate_per_ip: f64,
+    /// Upgrade attempts allowed in a burst above `connection_rate_per_ip`.
+    pub connection_burst_per_ip: usize,
     /// Client messages (requests and pings) per second per connection, on average.
     pub requests_per_second: f64,
     /// Client messages allowed in a burst above `requests_per_second`.
@@ -391,6 +409,8 @@ impl Default for LimitsConfig {
             max_connections_per_ip: 0,
             connection_rate: 10_000.0,
             connection_burst: 10_000,
+            connection_rate_per_ip: 100.0,
+            connection_burst_per_ip: 200,
             requests_per_second: 50.0,
             request_burst: 100,
             queue_messages: 1024,
@@ -546,6 +566,7 @@ impl Config {
             self.server.header_read_timeout,
         )?;
         positive("limits.write_timeout", self.limits.write_timeout)?;
+        positive("server.http_idle_timeout", self.server.http_idle_timeout)?;
         positive("broker.probe_interval", self.broker.probe_interval)?;
         positive("broker.probe_timeout", self.broker.probe_timeout)?;
         positive("broker.subscribe_timeout", self.broker.subscribe_timeout)?;
@@ -592,6 +613,11 @@ impl Config {
         )?;
         at_least("auth.max_token_bytes", self.auth.max_token_bytes, 64)?;
         at_least("limits.max_connections", self.limits.max_connections, 1)?;
+        at_least(
+            "server.max_http_connections",
+            self.server.max_http_connections,
+            1,
+        )?;
         at_least("limits.connection_burst", self.limits.connection_burst, 1)?;
         at_least("limits.request_burst", self.limits.request_burst, 1)?;
         for (key, rate) in [
@@ -605,6 +631,18 @@ impl Config {
                 return Err(ConfigError::invalid(key, "must be a positive number"));
             }
         }
+        let per_ip = self.limits.connection_rate_per_ip;
+        if !(per_ip.is_finite() && per_ip >= 0.0) {
+            return Err(ConfigError::invalid(
+                "limits.connection_rate_per_ip",
+                "must be 0 (off) or a positive number",
+            ));
+        }
+        at_least(
+            "limits.connection_burst_per_ip",
+            self.limits.connection_burst_per_ip,
+            1,
+        )?;
         at_least("limits.queue_messages", self.limits.queue_messages, 1)?;
         at_least("limits.queue_bytes", self.limits.queue_bytes, 1024)?;
         at_least(

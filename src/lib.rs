@@ -84,6 +84,9 @@ pub(crate) struct NodeState {
     shutdown: CancellationToken,
     /// Every HTTP connection and WebSocket session, for the drain.
     tracker: TaskTracker,
+    /// One permit per open HTTP connection not yet upgraded
+    /// (`server.max_http_connections`).
+    http_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl NodeState {
@@ -141,6 +144,9 @@ async fn start(config: Config) -> Result<Node, StartError> {
         admission: Admission::from_config(&config)?,
         shutdown,
         tracker: TaskTracker::new(),
+        http_slots: Arc::new(tokio::sync::Semaphore::new(
+            config.server.max_http_connections,
+        )),
         config,
     }))
 }

@@ -41,6 +41,13 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the bucket has refilled completely, so that forgetting it
+    /// changes nothing.
+    pub fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= self.burst
+    }
+
     /// How long until a token is available.
     pub fn retry_after(&self) -> Duration {
         Duration::from_secs_f64(((1.0 - self.tokens) / self.rate).max(0.0))

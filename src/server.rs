@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -41,7 +42,13 @@ pub(crate) async fn accept_loop(listener: TcpListener, node: Node) {
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                node.tracker.spawn(serve_http(stream, peer, node.clone()));
+                match node.http_slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        node.tracker
+                            .spawn(serve_http(stream, peer, node.clone(), slot));
+                    }
+                    Err(_) => refuse_http(stream, &node),
+                }
             }
             Err(error) => {
                 // Usually out of file descriptors: back off instead of spinning.
@@ -52,24 +59,75 @@ pub(crate) async fn accept_loop(listener: TcpListener, node: Node) {
     }
 }
 
-async fn serve_http(stream: TcpStream, peer: SocketAddr, node: Node) {
+/// The answer when `server.max_http_connections` are open: a 503 written
+/// without waiting (the socket's buffer is empty, so it fits), then close.
+fn refuse_http(stream: TcpStream, node: &Node) {
+    const BODY: &str = r#"{"error":"too_many_connections","message":"the node has too many open HTTP connections"}"#;
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = stream.try_write(response.as_bytes());
+    node.metrics.http_connection_error("too_many_connections");
+}
+
+/// Requests in flight on one HTTP connection and when the last one ended, for
+/// the idle timeout.
+struct HttpActivity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Milliseconds after `since` at which the last request ended.
+    last_ms: std::sync::atomic::AtomicU64,
+    since: tokio::time::Instant,
+}
+
+impl HttpActivity {
+    fn idle_since(&self) -> Option<tokio::time::Instant> {
+        (self.in_flight.load(Ordering::SeqCst) == 0)
+            .then(|| self.since + Duration::from_millis(self.last_ms.load(Ordering::SeqCst)))
+    }
+}
+
+async fn serve_http(
+    stream: TcpStream,
+    peer: SocketAddr,
+    node: Node,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(node.config.server.header_read_timeout)
         .max_buf_size(node.config.server.max_header_bytes);
+    let activity = Arc::new(HttpActivity {
+        in_flight: Default::default(),
+        last_ms: Default::default(),
+        since: tokio::time::Instant::now(),
+    });
     let service_node = node.clone();
+    let service_activity = activity.clone();
     let service = service_fn(move |request| {
         let node = service_node.clone();
-        async move { Ok::<_, Infallible>(route(request, node, peer).await) }
+        let activity = service_activity.clone();
+        activity.in_flight.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let response = route(request, node, peer).await;
+            let ended = activity.since.elapsed().as_millis() as u64;
+            activity.last_ms.store(ended, Ordering::SeqCst);
+            activity.in_flight.fetch_sub(1, Ordering::SeqCst);
+            Ok::<_, Infallible>(response)
+        }
     });
     let connection = builder
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(connection);
-    tokio::select! {
-        result = connection.as_mut() => {
-            if let Err(error) = result {
+    let idle_timeout = node.config.server.http_idle_timeout;
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
                 let reason = if error.is_timeout() {
                     "header_timeout"
                 } else if error.is_parse_too_large() {
@@ -81,11 +139,26 @@ async fn serve_http(stream: TcpStream, peer: SocketAddr, node: Node) {
                 };
                 node.metrics.http_connection_error(reason);
                 debug!(%error, %peer, reason, "http connection ended");
+                }
+                return;
             }
-        }
-        _ = node.shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
+            _ = node.shutdown.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+                return;
+            }
+            _ = &mut idle => {
+                match activity.idle_since() {
+                    Some(since) if since + idle_timeout <= tokio::time::Instant::now() => {
+                        node.metrics.http_connection_error("idle_timeout");
+                        connection.as_mut().graceful_shutdown();
+                        let _ = connection.await;
+                        return;
+                    }
+                    Some(since) => idle.as_mut().reset(since + idle_timeout),
+                    None => idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout),
+                }
+            }
         }
     }
 }
@@ -148,6 +221,36 @@ fn rejected(node: &Node, reason: &str, response: Response<Body>) -> Response<Bod
     response
 }
 
+/// The answer to an upgrade that admission refused.
+fn refused(node: &Node, refusal: Refusal) -> Response<Body> {
+    let (status, message) = match refusal {
+        Refusal::Origin => (StatusCode::FORBIDDEN, "this Origin may not connect"),
+        Refusal::NodeFull => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the node is at its connection limit",
+        ),
+        Refusal::PerIp => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections from this address",
+        ),
+        Refusal::Rate(_) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many new connections; retry later",
+        ),
+        Refusal::AttemptRate(_) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connection attempts from this address; retry later",
+        ),
+    };
+    let mut response = http::error(status, refusal.reason(), message);
+    if let Some(seconds) = refusal.retry_after_secs() {
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    rejected(node, refusal.reason(), response)
+}
+
 /// `GET /ws`: checks the handshake, admission and the token, then upgrades.
 fn websocket(mut request: Request<Incoming>, node: &Node, peer: SocketAddr) -> Response<Body> {
     if !fastwebsockets::upgrade::is_upgrade_request(&request) {
@@ -184,40 +287,16 @@ fn websocket(mut request: Request<Incoming>, node: &Node, peer: SocketAddr) -> R
             ),
         );
     }
-    let admission = node
+    let client = node.admission.client_ip(peer.ip(), request.headers());
+    // Cheap checks first; the node's connection budget is charged only once
+    // the token is good, so that a tokenless flood cannot starve real clients.
+    if let Err(refusal) = node
         .admission
         .check_origin(request.headers())
-        .and_then(|()| {
-            node.admission
-                .admit(node.admission.client_ip(peer.ip(), request.headers()))
-        });
-    let admitted = match admission {
-        Ok(admitted) => admitted,
-        Err(refusal) => {
-            let (status, message) = match refusal {
-                Refusal::Origin => (StatusCode::FORBIDDEN, "this Origin may not connect"),
-                Refusal::NodeFull => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the node is at its connection limit",
-                ),
-                Refusal::PerIp => (
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too many connections from this address",
-                ),
-                Refusal::Rate(_) => (
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too many new connections; retry later",
-                ),
-            };
-            let mut response = http::error(status, refusal.reason(), message);
-            if let Some(seconds) = refusal.retry_after_secs() {
-                response
-                    .headers_mut()
-                    .insert(RETRY_AFTER, HeaderValue::from(seconds));
-            }
-            return rejected(node, refusal.reason(), response);
-        }
-    };
+        .and_then(|()| node.admission.check_attempt(client))
+    {
+        return refused(node, refusal);
+    }
     let principal = match token(&request, &offered).and_then(|token| node.auth.authenticate(token))
     {
         Ok(principal) => principal,
@@ -230,6 +309,10 @@ fn websocket(mut request: Request<Incoming>, node: &Node, peer: SocketAddr) -> R
             );
             return rejected(node, "unauthorized", response);
         }
+    };
+    let admitted = match node.admission.admit(client) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refused(node, refusal),
     };
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut request) {
         Ok(parts) => parts,

@@ -189,10 +189,21 @@ async fn the_channel_limit_refuses_one_more_and_the_connection_keeps_working() {
 
 /// A WebSocket upgrade with extra headers: the response status and JSON body.
 async fn upgrade(node: &TestNode, headers: &[(&str, &str)]) -> (u16, Value, Option<String>) {
-    let mut request = node
-        .ws_url(&token("u", &["*"]))
-        .into_client_request()
-        .unwrap();
+    upgrade_url(&node.ws_url(&token("u", &["*"])), headers).await
+}
+
+/// An upgrade without a token.
+async fn tokenless_upgrade(
+    node: &TestNode,
+    headers: &[(&str, &str)],
+) -> (u16, Value, Option<String>) {
+    let url = node.ws_url("x");
+    let url = url.split('?').next().unwrap();
+    upgrade_url(url, headers).await
+}
+
+async fn upgrade_url(url: &str, headers: &[(&str, &str)]) -> (u16, Value, Option<String>) {
+    let mut request = url.into_client_request().unwrap();
     for (name, value) in headers {
         request.headers_mut().insert(
             hyper::header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
@@ -282,6 +293,161 @@ async fn admission_limits_refuse_before_the_upgrade() {
         1.0
     );
     assert_eq!(metric(&metrics, "herald_connections_open"), 2.0);
+}
+
+#[tokio::test]
+async fn tokenless_floods_do_not_spend_the_connection_budget() {
+    let node = TestNode::start_with(|c| {
+        c.limits.connection_rate = 1.0;
+        c.limits.connection_burst = 2;
+        c.limits.connection_rate_per_ip = 0.0;
+    })
+    .await;
+    for _ in 0..50 {
+        let (status, body, _) = tokenless_upgrade(&node, &[]).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("missing_token"))
+        );
+    }
+    // The node's budget is intact for clients with a token.
+    assert_eq!(upgrade(&node, &[]).await.0, 101);
+    assert_eq!(upgrade(&node, &[]).await.0, 101);
+    assert_eq!(upgrade(&node, &[]).await.0, 429);
+}
+
+#[tokio::test]
+async fn attempts_are_limited_per_address_before_the_token_is_checked() {
+    let node = TestNode::start_with(|c| {
+        c.limits.connection_rate_per_ip = 0.5;
+        c.limits.connection_burst_per_ip = 5;
+        c.server.trusted_proxy_header = Some("x-forwarded-for".into());
+        c.server.trusted_proxies = vec!["127.0.0.0/8".into()];
+    })
+    .await;
+    let attacker = [("x-forwarded-for", "203.0.113.7")];
+    for _ in 0..5 {
+        assert_eq!(tokenless_upgrade(&node, &attacker).await.0, 401);
+    }
+    let (status, body, retry_after) = tokenless_upgrade(&node, &attacker).await;
+    assert_eq!(
+        (status, body["error"].as_str(), retry_after.as_deref()),
+        (429, Some("connection_rate_per_ip"), Some("2"))
+    );
+    // A token does not help an address over its budget...
+    assert_eq!(upgrade(&node, &attacker).await.0, 429);
+    // ...and other addresses are not affected.
+    assert_eq!(
+        upgrade(&node, &[("x-forwarded-for", "198.51.100.1")])
+            .await
+            .0,
+        101
+    );
+    let metrics = node.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "herald_connections_rejected_total{reason=\"connection_rate_per_ip\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "herald_auth_failures_total{reason=\"missing_token\"}"
+        ),
+        5.0
+    );
+}
+
+/// Sends `GET /healthz` on a kept-alive connection and reads the response.
+async fn healthz(stream: &mut tokio::net::TcpStream) -> String {
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: herald\r\n\r\n")
+        .await
+        .unwrap();
+    read_http_response(stream).await
+}
+
+async fn read_http_response(stream: &mut tokio::net::TcpStream) -> String {
+    let mut response = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !response.ends_with(b"}") {
+        let read = tokio::time::timeout(PATIENCE, stream.read(&mut buffer))
+            .await
+            .expect("a response in time")
+            .unwrap();
+        if read == 0 {
+            break;
+        }
+        response.extend_from_slice(&buffer[..read]);
+    }
+    String::from_utf8(response).unwrap()
+}
+
+#[tokio::test]
+async fn http_connections_are_capped() {
+    let node = TestNode::start_with(|c| c.server.max_http_connections = 2).await;
+    let mut first = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    assert!(healthz(&mut first).await.starts_with("HTTP/1.1 200"));
+    assert!(healthz(&mut second).await.starts_with("HTTP/1.1 200"));
+    let mut third = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let refused = read_http_response(&mut third).await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(
+        refused.contains("\"error\":\"too_many_connections\""),
+        "{refused}"
+    );
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, third.read_to_end(&mut rest)).await;
+    drop(first);
+    // The slot comes back when a connection closes.
+    let started = Instant::now();
+    loop {
+        let mut next = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+        if healthz(&mut next).await.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(started.elapsed() < PATIENCE, "the slot was not released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The connection still kept alive keeps working.
+    assert!(healthz(&mut second).await.starts_with("HTTP/1.1 200"));
+    assert!(
+        metric(
+            &node.metrics().await,
+            "herald_http_connection_errors_total{reason=\"too_many_connections\"}"
+        ) >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn idle_http_connections_are_closed() {
+    let node =
+        TestNode::start_with(|c| c.server.http_idle_timeout = Duration::from_millis(300)).await;
+    let mut stream = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let started = Instant::now();
+    // Requests keep it open past the timeout...
+    for _ in 0..4 {
+        assert!(healthz(&mut stream).await.starts_with("HTTP/1.1 200"));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert!(started.elapsed() > Duration::from_millis(500));
+    // ...and idleness closes it.
+    let idle = Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest))
+        .await
+        .expect("closed by the node");
+    assert_eq!(read.unwrap(), 0);
+    assert!(idle.elapsed() < Duration::from_secs(2));
+    eventually_metric(
+        &node,
+        "herald_http_connection_errors_total{reason=\"idle_timeout\"}",
+        1.0,
+    )
+    .await;
 }
 
 #[tokio::test]
