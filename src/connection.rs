@@ -139,7 +139,7 @@ where
             outbox.clone(),
             settings,
             node.shutdown.clone(),
-            node.clone(),
+            node.metrics.clone(),
         )
         .instrument(tracing::Span::current()),
     );
@@ -458,7 +458,7 @@ async fn write_loop<W>(
     outbox: Arc<Outbox>,
     settings: WriterSettings,
     shutdown: CancellationToken,
-    node: Node,
+    metrics: Metrics,
 ) -> &'static str
 where
     W: AsyncWrite + Unpin,
@@ -476,6 +476,13 @@ where
     let mut timer_fired = false;
 
     loop {
+        // Checked on every pass, not only in the `select!` below: a writer with
+        // a standing backlog goes round without waiting, and must still start
+        // its close (after flushing what is queued) when the node drains.
+        if !shutting_down && shutdown.is_cancelled() {
+            shutting_down = true;
+            outbox.close(CloseCode::GoingAway);
+        }
         let now = Instant::now();
         if now >= next_ping {
             protocol::write_frame(&mut buffer, Opcode::Ping, b"");
@@ -514,7 +521,7 @@ where
         });
         if !buffer.is_empty() {
             match write_with_progress(&mut io, &buffer, settings.write_timeout).await {
-                Ok(()) => node.metrics.frames_delivered(drained.messages),
+                Ok(()) => metrics.frames_delivered(drained.messages),
                 Err(WriteFailure::Lost) => return "connection_lost",
                 // The socket is stuck, so no close frame can be sent either.
                 Err(WriteFailure::Stalled) => return CloseCode::SlowConsumer.reason(),
@@ -591,4 +598,99 @@ fn unix_to_instant(unix_secs: u64, now: Instant) -> Instant {
     // Far enough to never fire, near enough not to overflow.
     now.checked_add(left.min(Duration::from_secs(86_400 * 365)))
         .unwrap_or(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+    use crate::config::SlowPolicy;
+    use crate::outbox::DeliveryPolicy;
+
+    /// Reads one unmasked server frame: (opcode, payload).
+    async fn read_server_frame(io: &mut (impl AsyncRead + Unpin)) -> (u8, Vec<u8>) {
+        let mut head = [0u8; 2];
+        io.read_exact(&mut head).await.unwrap();
+        let length = match head[1] & 0x7f {
+            126 => u64::from(io.read_u16().await.unwrap()),
+            127 => io.read_u64().await.unwrap(),
+            short => u64::from(short),
+        };
+        let mut payload = vec![0u8; length as usize];
+        io.read_exact(&mut payload).await.unwrap();
+        (head[0] & 0x0f, payload)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_writer_still_sees_shutdown() {
+        let metrics = Metrics::new("test");
+        let outbox = Arc::new(Outbox::new(
+            QueueLimits {
+                messages: 1000,
+                bytes: 1 << 20,
+            },
+            u64::MAX,
+            metrics.clone(),
+        ));
+        let (mut client, server) = tokio::io::duplex(16 * 1024);
+        let shutdown = CancellationToken::new();
+        let settings = WriterSettings {
+            ping_interval: Duration::from_secs(60),
+            ping_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(10),
+        };
+        let writer = tokio::spawn(write_loop(
+            server,
+            outbox.clone(),
+            settings,
+            shutdown.clone(),
+            metrics,
+        ));
+        // The queue stays full: more than one batch is always waiting. The
+        // feeder is a thread of its own, so it never lets the queue run dry.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let feeder = {
+            let outbox = outbox.clone();
+            let stop = stop.clone();
+            let frame = Bytes::from(vec![b'x'; 1024]);
+            let policy = DeliveryPolicy {
+                slow: SlowPolicy::DropOldest,
+                min_interval: None,
+            };
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    outbox.push_message(&frame, 1, &policy);
+                }
+            })
+        };
+        for _ in 0..200 {
+            assert_eq!(read_server_frame(&mut client).await.0, 0x1);
+        }
+        shutdown.cancel();
+        // The client reads at about 4 MB/s, so the writer always has a
+        // backlog of up to 1 MB to work through.
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            for frame in 0u64.. {
+                let (opcode, payload) = read_server_frame(&mut client).await;
+                if opcode == 0x8 {
+                    return u16::from_be_bytes([payload[0], payload[1]]);
+                }
+                if frame % 4 == 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            unreachable!()
+        })
+        .await
+        .expect("a close frame while the backlog stands");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        feeder.join().unwrap();
+        assert_eq!(closed, 1001);
+        let reason = tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the writer ends")
+            .unwrap();
+        assert_eq!(reason, "shutdown");
+    }
 }
