@@ -48,7 +48,9 @@ struct Shared {
     hasher: std::collections::hash_map::RandomState,
     /// `[[channels]]` rules, first match wins.
     rules: Vec<(Pattern, DeliveryPolicy)>,
-    /// Source of [`ChannelKey`]s; a recreated channel gets a new key.
+    /// Source of [`ChannelKey`]s: every subscription gets a new one, so that
+    /// nothing an outbox holds for a past subscription (a pending conflated
+    /// entry, a held rate-limited one) is taken for the current one.
     next_key: AtomicU64,
     /// Present when the broker subscribes upstream per channel.
     interest: Option<Interest>,
@@ -58,9 +60,15 @@ struct Shared {
 }
 
 struct ChannelEntry {
-    key: ChannelKey,
     policy: DeliveryPolicy,
-    subscribers: HashMap<ConnectionId, Arc<Outbox>>,
+    subscribers: HashMap<ConnectionId, Subscriber>,
+}
+
+/// One connection's subscription to a channel.
+struct Subscriber {
+    outbox: Arc<Outbox>,
+    /// This subscription's key in the connection's outbox.
+    key: ChannelKey,
 }
 
 /// Channels whose local interest changed since the broker last looked.
@@ -75,6 +83,8 @@ struct Interest {
 pub struct Subscribed {
     /// The hub's shared copy of the channel name.
     pub channel: Arc<str>,
+    /// This subscription's key: new for every subscribe, the same for a
+    /// repeated subscribe of a channel the connection already holds.
     pub key: ChannelKey,
 }
 
@@ -142,7 +152,6 @@ impl Hub {
             None => {
                 let name: Arc<str> = channel.into();
                 let entry = ChannelEntry {
-                    key: self.shared.next_key.fetch_add(1, Ordering::Relaxed),
                     policy: self.policy_for(channel),
                     subscribers: HashMap::new(),
                 };
@@ -152,16 +161,16 @@ impl Hub {
                 (name, entry)
             }
         };
-        if entry
-            .subscribers
-            .insert(connection, outbox.clone())
-            .is_none()
-        {
+        let subscriber = entry.subscribers.entry(connection).or_insert_with(|| {
             self.shared.metrics.subscriptions_changed(1);
-        }
+            Subscriber {
+                outbox: outbox.clone(),
+                key: self.shared.next_key.fetch_add(1, Ordering::Relaxed),
+            }
+        });
         Subscribed {
             channel: name,
-            key: entry.key,
+            key: subscriber.key,
         }
     }
 
@@ -197,8 +206,10 @@ impl Hub {
             return 0;
         }
         let frame: Bytes = protocol::encode_message(channel, payload);
-        for outbox in entry.subscribers.values() {
-            outbox.push_message(&frame, entry.key, &entry.policy);
+        for subscriber in entry.subscribers.values() {
+            subscriber
+                .outbox
+                .push_message(&frame, subscriber.key, &entry.policy);
         }
         entry.subscribers.len()
     }
@@ -211,10 +222,10 @@ impl Hub {
         for channel in channels {
             let shard = read(self.shard(channel));
             if let Some(entry) = shard.get(&**channel) {
-                for (connection, outbox) in &entry.subscribers {
+                for (connection, subscriber) in &entry.subscribers {
                     affected
                         .entry(*connection)
-                        .or_insert_with(|| (outbox.clone(), Vec::new()))
+                        .or_insert_with(|| (subscriber.outbox.clone(), Vec::new()))
                         .1
                         .push(channel.to_string());
                 }
@@ -327,5 +338,43 @@ mod tests {
             fb[0].as_ptr(),
             "one allocation shared by both"
         );
+    }
+
+    #[test]
+    fn a_resubscribe_is_a_new_subscription_for_conflation() {
+        let mut config = Config::default();
+        config.channels.push(crate::config::ChannelRule {
+            pattern: "prices.*".into(),
+            policy: crate::config::SlowPolicy::Conflate,
+            max_rate_hz: None,
+        });
+        let hub = Hub::new(&config, Metrics::new("test"), false);
+        let (a, b) = (outbox(), outbox());
+        // `b` keeps the channel alive while `a` leaves and comes back.
+        hub.subscribe(2, &b, "prices.X");
+        let first = hub.subscribe(1, &a, "prices.X");
+        hub.deliver("prices.X", b"1");
+        hub.unsubscribe(1, "prices.X");
+        a.forget(first.key);
+        a.push_reply(Bytes::from_static(b"unsubscribed"));
+        let second = hub.subscribe(1, &a, "prices.X");
+        assert_ne!(first.key, second.key);
+        a.push_reply(Bytes::from_static(b"subscribed"));
+        hub.deliver("prices.X", b"2");
+        let mut frames = Vec::new();
+        a.drain(&mut frames, usize::MAX, tokio::time::Instant::now());
+        let frames: Vec<String> = frames
+            .iter()
+            .map(|f| String::from_utf8_lossy(f).into_owned())
+            .collect();
+        // The message of the new subscription comes after both replies; the
+        // old one was not overtaken by it.
+        assert_eq!(frames.len(), 4, "{frames:?}");
+        assert!(frames[0].contains("\"data\":1"), "{frames:?}");
+        assert_eq!(frames[1], "unsubscribed");
+        assert_eq!(frames[2], "subscribed");
+        assert!(frames[3].contains("\"data\":2"), "{frames:?}");
+        // A repeated subscribe keeps its key.
+        assert_eq!(hub.subscribe(1, &a, "prices.X").key, second.key);
     }
 }

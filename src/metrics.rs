@@ -42,6 +42,7 @@ struct Inner {
     broker_resubscribed_channels: IntCounter,
     gap_notices: IntCounter,
     broker_probe_failures: IntCounter,
+    broker_stale_pushes: IntCounter,
     broker_roundtrip: Histogram,
 }
 
@@ -182,6 +183,11 @@ impl Metrics {
                 "broker_probe_failures_total",
                 "Probes that did not come back from the broker in time.",
             ),
+            broker_stale_pushes: counter(
+                r,
+                "broker_stale_pushes_total",
+                "Messages dropped because they came from a broker connection already replaced.",
+            ),
             broker_roundtrip: {
                 let metric = Histogram::with_opts(
                     HistogramOpts::new(
@@ -311,6 +317,10 @@ impl Metrics {
 
     pub fn broker_probe_failed(&self) {
         self.inner.broker_probe_failures.inc();
+    }
+
+    pub fn broker_stale_push(&self) {
+        self.inner.broker_stale_pushes.inc();
     }
 
     pub fn broker_roundtrip(&self, elapsed: Duration) {

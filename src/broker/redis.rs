@@ -356,6 +356,14 @@ impl Shared {
     fn on_push(&self, push: PushInfo, generation: u64) {
         match push.kind {
             PushKind::Message | PushKind::SMessage => {
+                // A replaced connection may still hand over what it had
+                // buffered (after a stall clears, say): those messages would
+                // arrive after the new connection's, duplicated and out of
+                // order. The replacement's subscribers were sent a gap instead.
+                if generation != self.generation.load(Ordering::SeqCst) {
+                    self.metrics.broker_stale_push();
+                    return;
+                }
                 let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) =
                     (push.data.first(), push.data.get(1))
                 else {
@@ -662,5 +670,75 @@ impl Broker for RedisBroker {
     fn is_ready(&self) -> bool {
         !self.shared.config.readiness_requires_broker
             || self.shared.link.load(Ordering::SeqCst) == UP
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::outbox::{Outbox, QueueLimits};
+
+    fn shared(hub: Hub, metrics: Metrics) -> Arc<Shared> {
+        let mut config = BrokerConfig::default();
+        config.kind = BrokerKind::Redis;
+        config.url = Some(crate::config::RedisUrl::new("redis://127.0.0.1:1"));
+        Arc::new(Shared {
+            hub,
+            metrics,
+            kind: config.kind,
+            prefix: String::new(),
+            probe_channel: "herald#probe#test".into(),
+            connection: Mutex::new(None),
+            link: AtomicU8::new(UP),
+            confirmed: Mutex::new(HashSet::new()),
+            epoch: watch::Sender::new(0),
+            lost: Notify::new(),
+            lost_generation: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            probe_seen: AtomicU64::new(0),
+            probe_sent_ms: AtomicU64::new(0),
+            started: Instant::now(),
+            shutdown: CancellationToken::new(),
+            config,
+        })
+    }
+
+    fn message(channel: &str, payload: &str) -> PushInfo {
+        PushInfo {
+            kind: PushKind::Message,
+            data: vec![
+                Value::BulkString(channel.as_bytes().to_vec()),
+                Value::BulkString(payload.as_bytes().to_vec()),
+            ],
+        }
+    }
+
+    #[tokio::test]
+    async fn pushes_from_a_replaced_connection_are_dropped() {
+        let metrics = Metrics::new("test");
+        let hub = Hub::new(&Config::default(), metrics.clone(), true);
+        let outbox = Arc::new(Outbox::new(
+            QueueLimits {
+                messages: 16,
+                bytes: 1 << 20,
+            },
+            u64::MAX,
+            metrics.clone(),
+        ));
+        hub.subscribe(1, &outbox, "news");
+        let shared = shared(hub, metrics.clone());
+        shared.generation.store(2, Ordering::SeqCst);
+        shared.on_push(message("news", "\"old\""), 1);
+        shared.on_push(message("news", "\"new\""), 2);
+        let mut frames = Vec::new();
+        outbox.drain(&mut frames, usize::MAX, Instant::now());
+        assert_eq!(frames.len(), 1);
+        assert!(String::from_utf8_lossy(&frames[0]).contains("\"new\""));
+        assert!(
+            metrics
+                .render()
+                .contains("herald_broker_stale_pushes_total{node=\"test\"} 1")
+        );
     }
 }
