@@ -400,6 +400,11 @@ pub struct LimitsConfig {
     /// A socket write that makes no progress for this long closes the connection.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// How long a client frame, or a fragmented message, may take to arrive
+    /// in full once its first byte has; beyond it the connection closes with
+    /// 4006. An idle connection has no such deadline.
+    #[serde(with = "humantime_serde")]
+    pub frame_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -419,6 +424,7 @@ impl Default for LimitsConfig {
             max_publish_bytes: 64 * 1024,
             max_channels_per_connection: 128,
             write_timeout: Duration::from_secs(10),
+            frame_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -567,6 +573,7 @@ impl Config {
         )?;
         positive("limits.write_timeout", self.limits.write_timeout)?;
         positive("server.http_idle_timeout", self.server.http_idle_timeout)?;
+        positive("limits.frame_timeout", self.limits.frame_timeout)?;
         positive("broker.probe_interval", self.broker.probe_interval)?;
         positive("broker.probe_timeout", self.broker.probe_timeout)?;
         positive("broker.subscribe_timeout", self.broker.subscribe_timeout)?;

@@ -149,7 +149,12 @@ where
         limits.request_burst as f64,
         Instant::now(),
     );
-    let mut frames = FrameReader::new(reader, limits.max_message_bytes, requests);
+    let mut frames = FrameReader::new(
+        reader,
+        limits.max_message_bytes,
+        limits.frame_timeout,
+        requests,
+    );
     let mut session = Session {
         node: node.clone(),
         id,
@@ -295,7 +300,25 @@ impl Session {
         }
     }
 
+    /// Refuses a request naming more channels than a connection may hold, so
+    /// that no request can make a reply larger than a bounded one.
+    fn too_many_channels(&self, id: Option<RequestId>, requested: &[String]) -> bool {
+        let max_channels = self.node.config.limits.max_channels_per_connection;
+        if requested.len() <= max_channels {
+            return false;
+        }
+        self.send_error(
+            id,
+            ErrorCode::LimitExceeded,
+            &format!("at most {max_channels} channels per request"),
+        );
+        true
+    }
+
     async fn subscribe(&mut self, id: Option<RequestId>, requested: Vec<String>) {
+        if self.too_many_channels(id, &requested) {
+            return;
+        }
         let max_channels = self.node.config.limits.max_channels_per_connection;
         let mut subscribed = Vec::new();
         let mut errors = Vec::new();
@@ -327,7 +350,9 @@ impl Session {
             };
             match refusal {
                 Some((code, message)) => errors.push(ChannelError {
-                    channel: name,
+                    // An invalid name is echoed only up to the longest valid
+                    // one, so a reply is never much larger than a request.
+                    channel: truncated(name, channel::MAX_CHANNEL_LEN),
                     code,
                     message,
                 }),
@@ -375,6 +400,9 @@ impl Session {
     }
 
     fn unsubscribe(&mut self, id: Option<RequestId>, requested: Vec<String>) {
+        if self.too_many_channels(id, &requested) {
+            return;
+        }
         for name in &requested {
             self.leave(name);
         }
@@ -443,6 +471,18 @@ impl Session {
             }
         }
     }
+}
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn truncated(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 #[derive(Clone, Copy)]
@@ -620,6 +660,13 @@ mod tests {
         let mut payload = vec![0u8; length as usize];
         io.read_exact(&mut payload).await.unwrap();
         (head[0] & 0x0f, payload)
+    }
+
+    #[test]
+    fn truncation_keeps_characters_whole() {
+        assert_eq!(truncated("abcdef".into(), 3), "abc");
+        assert_eq!(truncated("abc".into(), 3), "abc");
+        assert_eq!(truncated("aé".into(), 2), "a");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

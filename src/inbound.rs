@@ -12,6 +12,8 @@
 //! frame (else 1009). A declared length above the cap is refused from the
 //! header, before anything is allocated for it.
 
+use std::time::Duration;
+
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -21,6 +23,11 @@ use tokio::time::Instant;
 
 /// Bytes reserved for reading when nothing larger is needed.
 pub const INITIAL_BUFFER: usize = 256;
+
+/// The most the buffer grows by ahead of arriving bytes. A frame's declared
+/// length is not reserved up front: a client trickling a large frame pins
+/// only what it has actually sent, for at most `limits.frame_timeout`.
+const READ_CHUNK: usize = 4096;
 
 /// A complete client message or control frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,26 +141,61 @@ pub struct FrameReader<R> {
     /// `limits.requests_per_second`: every data frame and ping takes a token,
     /// so a flood of empty fragments is as limited as a flood of requests.
     requests: TokenBucket,
+    /// `limits.frame_timeout`: how long a started frame, or a started
+    /// fragmented message, may take to arrive in full.
+    frame_timeout: Duration,
+    /// When the frame or message now arriving began; `None` while idle.
+    partial_since: Option<Instant>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    pub fn new(io: R, max_message: usize, requests: TokenBucket) -> FrameReader<R> {
+    pub fn new(
+        io: R,
+        max_message: usize,
+        frame_timeout: Duration,
+        requests: TokenBucket,
+    ) -> FrameReader<R> {
         FrameReader {
             io,
             buffer: BytesMut::new(),
             max_message,
             fragments: None,
             requests,
+            frame_timeout,
+            partial_since: None,
         }
     }
 
     /// Reads until at least `wanted` bytes are buffered, calling `activity`
-    /// whenever bytes arrive (a slow upload is still a live client).
+    /// whenever bytes arrive (a slow upload is still a live client). While a
+    /// frame or fragmented message is under way, it must be complete within
+    /// `frame_timeout` of its first byte, else 4006.
     async fn fill(&mut self, wanted: usize, activity: &mut impl FnMut()) -> Result<(), ReadError> {
         while self.buffer.len() < wanted {
-            self.buffer
-                .reserve((wanted - self.buffer.len()).max(INITIAL_BUFFER));
-            match self.io.read_buf(&mut self.buffer).await {
+            let missing = wanted - self.buffer.len();
+            let spare = self.buffer.capacity() - self.buffer.len();
+            if spare < missing.min(INITIAL_BUFFER) {
+                self.buffer
+                    .reserve(missing.clamp(INITIAL_BUFFER, READ_CHUNK));
+            }
+            let read = if self.buffer.is_empty() && self.fragments.is_none() {
+                // Idle: waiting for a new frame has no deadline.
+                self.partial_since = None;
+                self.io.read_buf(&mut self.buffer).await
+            } else {
+                let since = *self.partial_since.get_or_insert_with(Instant::now);
+                // `read_buf` is cancel-safe: on timeout nothing was consumed.
+                match tokio::time::timeout_at(
+                    since + self.frame_timeout,
+                    self.io.read_buf(&mut self.buffer),
+                )
+                .await
+                {
+                    Ok(read) => read,
+                    Err(_) => return Err(ReadError::Violation(CloseCode::FrameTimeout)),
+                }
+            };
+            match read {
                 Ok(0) | Err(_) => return Err(ReadError::Lost),
                 Ok(_) => activity(),
             }
@@ -198,6 +240,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.buffer = BytesMut::new();
             }
             if let Some(message) = self.frame(header, payload)? {
+                if matches!(message, Inbound::Text(_) | Inbound::Binary(_)) {
+                    // A whole message arrived: the next one has its own deadline.
+                    self.partial_since = None;
+                }
                 return Ok(message);
             }
         }
@@ -295,7 +341,7 @@ mod tests {
             }
         });
         let requests = TokenBucket::new(1e9, 1e9, Instant::now());
-        let mut reader = FrameReader::new(server, max, requests);
+        let mut reader = FrameReader::new(server, max, Duration::from_secs(60), requests);
         let mut out = Vec::new();
         loop {
             let item = reader.next(&mut || {}).await;
@@ -430,7 +476,7 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let (mut client, server) = tokio::io::duplex(1 << 20);
         let requests = TokenBucket::new(1e9, 1e9, Instant::now());
-        let mut reader = FrameReader::new(server, 1 << 20, requests);
+        let mut reader = FrameReader::new(server, 1 << 20, Duration::from_secs(60), requests);
         assert_eq!(reader.buffer.capacity(), 0);
         client
             .write_all(&frame(true, TEXT, &[b'x'; 60_000]))
@@ -452,8 +498,101 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(4096);
         client.write_all(&stream).await.unwrap();
         let requests = TokenBucket::new(0.001, 2.0, Instant::now());
-        let mut reader = FrameReader::new(server, 100, requests);
+        let mut reader = FrameReader::new(server, 100, Duration::from_secs(60), requests);
         let result = reader.next(&mut || {}).await;
         assert_eq!(result, Err(ReadError::Violation(PolicyViolation)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickled_frame_pins_only_what_arrived_and_times_out() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let requests = TokenBucket::new(1e9, 1e9, Instant::now());
+        let mut reader = FrameReader::new(server, 1 << 20, Duration::from_secs(10), requests);
+        // A header declaring 60,000 bytes, then a trickle.
+        let whole = frame(true, TEXT, &[b'x'; 60_000]);
+        client.write_all(&whole[..20]).await.unwrap();
+        let trickle = tokio::spawn(async move {
+            for byte in &whole[20..100] {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if client.write_all(&[*byte]).await.is_err() {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await;
+        });
+        let started = Instant::now();
+        let mut reads = 0;
+        let result = tokio::time::timeout(Duration::from_secs(60), reader.next(&mut || reads += 1))
+            .await
+            .expect("the frame has a deadline");
+        assert_eq!(result, Err(ReadError::Violation(CloseCode::FrameTimeout)));
+        // Every arriving byte was activity, yet the frame had its deadline.
+        assert!(reads > 10);
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        assert!(
+            reader.buffer.capacity() <= READ_CHUNK + INITIAL_BUFFER,
+            "reserved {} bytes for a frame that sent 30",
+            reader.buffer.capacity()
+        );
+        trickle.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_covers_a_whole_fragmented_message() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let requests = TokenBucket::new(1e9, 1e9, Instant::now());
+        let mut reader = FrameReader::new(server, 1 << 20, Duration::from_secs(10), requests);
+        let feeder = tokio::spawn(async move {
+            client.write_all(&frame(false, TEXT, b"a")).await.unwrap();
+            // Each fragment and ping arrives whole, but the message never ends.
+            loop {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                if client
+                    .write_all(&frame(false, CONTINUATION, b"b"))
+                    .await
+                    .is_err()
+                    || client.write_all(&frame(true, PING, b"")).await.is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                match reader.next(&mut || {}).await {
+                    Ok(Inbound::Ping(_)) => continue,
+                    other => break other,
+                }
+            }
+        })
+        .await
+        .expect("the message has a deadline");
+        assert_eq!(outcome, Err(ReadError::Violation(CloseCode::FrameTimeout)));
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        // And an idle connection has no deadline at all.
+        feeder.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_reader_has_no_deadline() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let requests = TokenBucket::new(1e9, 1e9, Instant::now());
+        let mut reader = FrameReader::new(server, 1 << 20, Duration::from_secs(10), requests);
+        client.write_all(&frame(true, TEXT, b"1")).await.unwrap();
+        assert!(reader.next(&mut || {}).await.is_ok());
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            client.write_all(&frame(true, TEXT, b"2")).await.unwrap();
+            client
+        });
+        assert_eq!(
+            reader.next(&mut || {}).await,
+            Ok(Inbound::Text(b"2".to_vec()))
+        );
+        drop(writer);
     }
 }

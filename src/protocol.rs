@@ -35,6 +35,9 @@ pub enum CloseCode {
     Forbidden,
     /// 4005: the client exceeded a request limit. Reconnect after a backoff.
     PolicyViolation,
+    /// 4006: a frame, or a fragmented message, did not arrive in full within
+    /// `limits.frame_timeout` of its first byte. Reconnect after a backoff.
+    FrameTimeout,
 }
 
 impl CloseCode {
@@ -50,6 +53,7 @@ impl CloseCode {
             CloseCode::PingTimeout => 4003,
             CloseCode::Forbidden => 4004,
             CloseCode::PolicyViolation => 4005,
+            CloseCode::FrameTimeout => 4006,
         }
     }
 
@@ -66,6 +70,7 @@ impl CloseCode {
             CloseCode::PingTimeout => "ping_timeout",
             CloseCode::Forbidden => "forbidden",
             CloseCode::PolicyViolation => "policy_violation",
+            CloseCode::FrameTimeout => "frame_timeout",
         }
     }
 
@@ -500,20 +505,34 @@ mod tests {
     }
 
     #[test]
-    fn reconnect_advice_matches_the_protocol_doc() {
+    fn close_codes_match_the_protocol_doc() {
         use CloseCode::*;
-        for code in [
+        let doc = include_str!("../docs/PROTOCOL.md");
+        let all = [
+            Normal,
             GoingAway,
+            ProtocolError,
+            InvalidPayload,
+            MessageTooBig,
             TokenExpired,
             SlowConsumer,
             PingTimeout,
+            Forbidden,
             PolicyViolation,
-            Normal,
-        ] {
-            assert!(code.should_reconnect(), "{code:?}");
-        }
-        for code in [ProtocolError, InvalidPayload, MessageTooBig, Forbidden] {
-            assert!(!code.should_reconnect(), "{code:?}");
+            FrameTimeout,
+        ];
+        for code in all {
+            let prefix = format!("| {} | `{}` |", code.code(), code.reason());
+            let row = doc
+                .lines()
+                .find(|line| line.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("PROTOCOL.md has no row {prefix}"));
+            let advice = row.trim_end_matches('|').rsplit('|').next().unwrap().trim();
+            assert_eq!(
+                advice.starts_with("Yes"),
+                code.should_reconnect(),
+                "{code:?}: {advice}"
+            );
         }
     }
 

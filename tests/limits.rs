@@ -164,8 +164,10 @@ async fn a_request_flood_is_closed_with_4005() {
 async fn the_channel_limit_refuses_one_more_and_the_connection_keeps_working() {
     let node = TestNode::start_with(|c| c.limits.max_channels_per_connection = 3).await;
     let mut client = node.client(&["*"]).await;
-    let reply = client.subscribe(&["a", "b", "c", "d"]).await;
+    let reply = client.subscribe(&["a", "b", "c"]).await;
     assert_eq!(reply["channels"], json!(["a", "b", "c"]));
+    let reply = client.subscribe(&["c", "d"]).await;
+    assert_eq!(reply["channels"], json!(["c"]));
     assert_eq!(reply["errors"][0]["channel"], "d");
     assert_eq!(reply["errors"][0]["code"], "limit_exceeded");
     assert_eq!(
@@ -185,6 +187,63 @@ async fn the_channel_limit_refuses_one_more_and_the_connection_keeps_working() {
         ),
         2.0
     );
+}
+
+#[tokio::test]
+async fn requests_cannot_amplify_into_large_replies() {
+    let node = TestNode::start_with(|c| c.limits.max_channels_per_connection = 50).await;
+    let mut client = node.client(&["*"]).await;
+    // More channels than a connection may hold: refused whole.
+    let names: Vec<String> = (0..51).map(|i| format!("c{i}")).collect();
+    let request = json!({"op": "subscribe", "channels": names});
+    let reply = client.request(request).await;
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["code"], "limit_exceeded");
+    let reply = client
+        .request(json!({"op": "unsubscribe", "channels": names}))
+        .await;
+    assert_eq!(reply["code"], "limit_exceeded");
+    assert_eq!(client.subscribe(&["ok"]).await["channels"], json!(["ok"]));
+    // Long invalid names are echoed cut to 128 bytes: the reply is smaller
+    // than the request.
+    let long: Vec<String> = (0..50)
+        .map(|i| format!("{i}{}", " ".repeat(1000)))
+        .collect();
+    let request = json!({"op": "subscribe", "channels": long});
+    let request_len = request.to_string().len();
+    let reply = client.request(request).await;
+    assert_eq!(reply["errors"].as_array().unwrap().len(), 50);
+    assert_eq!(reply["errors"][0]["code"], "invalid_channel");
+    assert_eq!(reply["errors"][0]["channel"].as_str().unwrap().len(), 128);
+    assert!(
+        reply.to_string().len() < request_len,
+        "{} >= {request_len}",
+        reply.to_string().len()
+    );
+}
+
+#[tokio::test]
+async fn a_trickled_frame_is_closed_with_4006() {
+    let node = TestNode::start_with(|c| c.limits.frame_timeout = Duration::from_millis(500)).await;
+    let mut raw = RawClient::subscribed(&node, "news").await;
+    // The header of a 1,000-byte text frame and a few bytes, then silence.
+    let mut frame = vec![0x81u8, 0x80 | 126, 0x03, 0xe8, 1, 2, 3, 4];
+    frame.extend_from_slice(b"abc");
+    raw.stream.write_all(&frame).await.unwrap();
+    let started = Instant::now();
+    assert_eq!(raw.expect_close(PATIENCE).await, 4006);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    eventually_metric(
+        &node,
+        "herald_disconnects_total{reason=\"frame_timeout\"}",
+        1.0,
+    )
+    .await;
+    // The node serves everyone else.
+    let mut client = node.client(&["news"]).await;
+    client.subscribe(&["news"]).await;
+    node.publish("news", json!(1)).await;
+    assert_eq!(client.next_json().await["data"], 1);
 }
 
 /// A WebSocket upgrade with extra headers: the response status and JSON body.
