@@ -43,6 +43,9 @@ struct Inner {
     gap_notices: IntCounter,
     broker_probe_failures: IntCounter,
     broker_stale_pushes: IntCounter,
+    broker_unsolicited_unsubscribes: IntCounter,
+    broker_links: IntGauge,
+    broker_links_up: IntGauge,
     broker_roundtrip: Histogram,
 }
 
@@ -183,6 +186,21 @@ impl Metrics {
                 "broker_probe_failures_total",
                 "Probes that did not come back from the broker in time.",
             ),
+            broker_unsolicited_unsubscribes: counter(
+                r,
+                "broker_unsolicited_unsubscribes_total",
+                "Wanted channels that Redis unsubscribed on its own (a cluster slot moved or failed over); each rebuilds its link.",
+            ),
+            broker_links: gauge(
+                r,
+                "broker_links",
+                "Redis connections carrying subscriptions: 1 for standalone Redis, one per primary for Redis Cluster.",
+            ),
+            broker_links_up: gauge(
+                r,
+                "broker_links_up",
+                "Redis connections carrying subscriptions that are connected and subscribed.",
+            ),
             broker_stale_pushes: counter(
                 r,
                 "broker_stale_pushes_total",
@@ -317,6 +335,20 @@ impl Metrics {
 
     pub fn broker_probe_failed(&self) {
         self.inner.broker_probe_failures.inc();
+    }
+
+    /// Every link's state changed: `up` of `total` links are connected.
+    /// `herald_broker_connected` is 1 only when all of them are.
+    pub fn broker_links(&self, up: i64, total: i64) {
+        self.inner.broker_links.set(total);
+        self.inner.broker_links_up.set(up);
+        self.inner
+            .broker_connected
+            .set(i64::from(total > 0 && up == total));
+    }
+
+    pub fn broker_unsolicited_unsubscribe(&self) {
+        self.inner.broker_unsolicited_unsubscribes.inc();
     }
 
     pub fn broker_stale_push(&self) {

@@ -8,7 +8,9 @@ use std::time::Duration;
 use common::redis_server::{
     RedisCluster, RedisServer, StallingProxy, eventually_channels, pubsub_channels,
 };
-use common::{PATIENCE, RawClient, TestNode, eventually_metric, http, metric};
+use common::{
+    PATIENCE, RawClient, TestNode, eventually_metric, eventually_ready, http, metric, readyz,
+};
 use herald::config::{BrokerKind, Config, RedisUrl};
 use serde_json::json;
 
@@ -41,25 +43,6 @@ async fn redis_publish(
         .query_async(connection)
         .await
         .unwrap()
-}
-
-async fn readyz(node: &TestNode) -> (u16, String) {
-    http(node.addr, "GET", "/readyz", &[], String::new()).await
-}
-
-async fn eventually_ready(node: &TestNode, ready: bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, body) = readyz(node).await;
-        if (status == 200) == ready {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "readyz stayed {status} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]

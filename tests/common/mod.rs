@@ -475,3 +475,24 @@ pub async fn read_messages_until(
     .expect("the newest message arrives");
     count
 }
+
+/// `GET /readyz`: (status, body).
+pub async fn readyz(node: &TestNode) -> (u16, String) {
+    http(node.addr, "GET", "/readyz", &[], String::new()).await
+}
+
+/// Waits until `/readyz` says `ready` (200) or not.
+pub async fn eventually_ready(node: &TestNode, ready: bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = readyz(node).await;
+        if (status == 200) == ready {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz stayed {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -229,8 +229,14 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub async fn start() -> RedisCluster {
+        Self::start_with(&[]).await
+    }
+
+    /// Three primaries with `extra` server arguments, such as
+    /// `["--cluster-require-full-coverage", "no"]`.
+    pub async fn start_with(extra: &[&str]) -> RedisCluster {
         require_binary("redis-cli");
-        let args = [
+        let mut args = vec![
             "--cluster-enabled",
             "yes",
             "--cluster-config-file",
@@ -238,6 +244,7 @@ impl RedisCluster {
             "--cluster-node-timeout",
             "2000",
         ];
+        args.extend_from_slice(extra);
         let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_with(&args)).collect();
         let addresses: Vec<String> = nodes
             .iter()
@@ -290,6 +297,50 @@ impl RedisCluster {
 
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(|n| n.url()).collect()
+    }
+
+    async fn command(&self, node: usize, args: &[&str]) -> redis::Value {
+        let mut connection = self.nodes[node].connection().await;
+        let mut command = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            command.arg(*arg);
+        }
+        command.query_async(&mut connection).await.unwrap()
+    }
+
+    /// Moves the slot of `channel` (which holds no keys) to node `to`, the way
+    /// `redis-cli --cluster reshard` does: IMPORTING, MIGRATING, then NODE on
+    /// every primary.
+    pub async fn move_slot_of(&self, channel: &str, to: usize) {
+        let from = self.owner_of(channel).await;
+        assert_ne!(from, to);
+        let mut connection = self.nodes[0].connection().await;
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(channel)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        let slot = slot.to_string();
+        let id = |value: redis::Value| match value {
+            redis::Value::BulkString(bytes) => String::from_utf8(bytes).unwrap(),
+            redis::Value::SimpleString(text) => text,
+            other => panic!("CLUSTER MYID: {other:?}"),
+        };
+        let from_id = id(self.command(from, &["CLUSTER", "MYID"]).await);
+        let to_id = id(self.command(to, &["CLUSTER", "MYID"]).await);
+        self.command(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id])
+            .await;
+        self.command(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id])
+            .await;
+        self.command(to, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id])
+            .await;
+        self.command(from, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id])
+            .await;
+        let other = (0..3).find(|n| *n != from && *n != to).unwrap();
+        self.command(other, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id])
+            .await;
+        assert_eq!(self.owner_of(channel).await, to);
     }
 
     /// The index of the node serving `channel`'s slot.

@@ -157,7 +157,9 @@ def documented_keys() -> dict[str, dict[str, str]]:
         match = row.match(line)
         if match:
             key, kind, default, env = (group.strip() for group in match.groups())
-            keys[key] = {"type": kind, "default": default, "env": env}
+            # Only the key tables: other tables (limits) also start with a key.
+            if env.startswith("`HERALD_"):
+                keys[key] = {"type": kind, "default": default, "env": env}
     return keys
 
 
