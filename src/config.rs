@@ -350,15 +350,26 @@ impl Default for PingConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ShutdownConfig {
-    /// Deadline for the drain after SIGTERM/SIGINT.
+    /// The longest the whole drain may take, from the signal to exit. Must
+    /// cover `drain_period` plus [`CLOSE_ALLOWANCE`].
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Over how long open connections are closed on SIGTERM: each gets its
+    /// own moment in the period, so that clients do not all reconnect to the
+    /// other nodes at once. 0 closes them all at once.
+    #[serde(with = "humantime_serde")]
+    pub drain_period: Duration,
 }
+
+/// What `shutdown.timeout` must leave after `shutdown.drain_period`: time for
+/// the last connections to flush, send their close frame and hear back.
+pub const CLOSE_ALLOWANCE: Duration = Duration::from_secs(5);
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
         ShutdownConfig {
-            timeout: Duration::from_secs(10),
+            timeout: Duration::from_secs(30),
+            drain_period: Duration::from_secs(20),
         }
     }
 }
@@ -567,6 +578,15 @@ impl Config {
         positive("ping.interval", self.ping.interval)?;
         positive("ping.timeout", self.ping.timeout)?;
         positive("shutdown.timeout", self.shutdown.timeout)?;
+        if self.shutdown.timeout < self.shutdown.drain_period + CLOSE_ALLOWANCE {
+            return Err(ConfigError::invalid(
+                "shutdown.timeout",
+                format!(
+                    "must be at least shutdown.drain_period ({:?}) plus {:?} for the last close handshakes",
+                    self.shutdown.drain_period, CLOSE_ALLOWANCE
+                ),
+            ));
+        }
         positive(
             "server.header_read_timeout",
             self.server.header_read_timeout,

@@ -127,6 +127,7 @@ where
         .encode(),
     );
     let open = OpenConnection::new(&node.metrics);
+    let _registered = Registered::new(&node, id, &outbox);
 
     let settings = WriterSettings {
         ping_interval: node.config.ping.interval,
@@ -188,6 +189,35 @@ where
     drop(session);
     debug!(reason, "closed");
     open.close(reason);
+}
+
+/// Lists the session in the node's registry (for the paced drain) for as long
+/// as it lives.
+struct Registered {
+    node: Node,
+    id: ConnectionId,
+}
+
+impl Registered {
+    fn new(node: &Node, id: ConnectionId, outbox: &Arc<Outbox>) -> Registered {
+        let mut sessions = node.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.insert(id, outbox.clone());
+        // A session that arrives once the drain has begun closes at once.
+        if node.shutdown.is_cancelled() {
+            outbox.close(CloseCode::GoingAway);
+        }
+        Registered {
+            node: node.clone(),
+            id,
+        }
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut sessions = self.node.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.remove(&self.id);
+    }
 }
 
 /// Counts a connection open until it is closed with a reason, or dropped (a

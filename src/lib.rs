@@ -54,6 +54,7 @@ use crate::broker::redis::RedisBroker;
 use crate::config::{BrokerKind, Config, ConfigError};
 use crate::hub::{ConnectionId, Hub};
 use crate::metrics::Metrics;
+use crate::outbox::Outbox;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -80,8 +81,13 @@ pub(crate) struct NodeState {
     next_connection_id: AtomicU64,
     /// Origin, connection-count and connection-rate checks for upgrades.
     admission: Admission,
-    /// Cancelled when the drain starts.
+    /// Cancelled when the paced part of the drain is over (or skipped): every
+    /// remaining connection closes at once, the listener closes and the broker
+    /// stops.
     shutdown: CancellationToken,
+    /// Every open WebSocket session's outbox, so that the drain can close them
+    /// one by one. Bounded by `limits.max_connections`.
+    sessions: std::sync::Mutex<std::collections::HashMap<ConnectionId, Arc<Outbox>>>,
     /// Every HTTP connection and WebSocket session, for the drain.
     tracker: TaskTracker,
     /// One permit per open HTTP connection not yet upgraded
@@ -144,6 +150,7 @@ async fn start(config: Config) -> Result<Node, StartError> {
         admission: Admission::from_config(&config)?,
         shutdown,
         tracker: TaskTracker::new(),
+        sessions: Default::default(),
         http_slots: Arc::new(tokio::sync::Semaphore::new(
             config.server.max_http_connections,
         )),
@@ -151,12 +158,23 @@ async fn start(config: Config) -> Result<Node, StartError> {
     }))
 }
 
-/// Runs a node on `listener` until `shutdown` resolves, then drains within
-/// `shutdown.timeout` and returns.
+/// Runs a node on `listener` until `shutdown` resolves, then drains (paced
+/// over `shutdown.drain_period`, within `shutdown.timeout`) and returns.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    run_with_hurry(listener, config, shutdown, std::future::pending()).await
+}
+
+/// Like [`run`]; `hurry` resolving during the drain (a second signal) skips
+/// the pacing and closes every connection at once.
+pub async fn run_with_hurry(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    hurry: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
     let span = tracing::info_span!("node", node = %config.node_id());
     async move {
@@ -165,7 +183,7 @@ pub async fn run(
         let accept = tokio::spawn(server::accept_loop(listener, node.clone()).in_current_span());
         info!(?address, broker = ?node.config.broker.kind, "herald is listening");
         shutdown.await;
-        shutdown::drain(&node, node.config.shutdown.timeout).await;
+        shutdown::drain(&node, hurry).await;
         accept.abort();
         Ok(())
     }

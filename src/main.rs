@@ -195,7 +195,14 @@ fn serve(config: Config, banner: Option<String>) -> ExitCode {
         if let Some(banner) = banner {
             println!("{banner}");
         }
-        herald::run(listener, config, herald::shutdown::signal()).await?;
+        // The first signal starts the paced drain; a second one skips the pacing.
+        herald::run_with_hurry(
+            listener,
+            config,
+            herald::shutdown::signal(),
+            herald::shutdown::signal(),
+        )
+        .await?;
         Ok(())
     });
     match result {

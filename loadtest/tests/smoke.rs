@@ -31,7 +31,8 @@ impl Node {
         config.node.id = Some("loadtest-node".into());
         config.auth.hmac_secret = Some(Secret::new(SECRET));
         config.api.key = Some(Secret::new(API_KEY));
-        config.shutdown.timeout = Duration::from_secs(2);
+        config.shutdown.timeout = Duration::from_secs(5);
+        config.shutdown.drain_period = Duration::ZERO;
         // The load tester's clients all come from loopback.
         config.limits.connection_rate_per_ip = 0.0;
         config.validate().expect("the test configuration is valid");

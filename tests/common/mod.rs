@@ -32,6 +32,8 @@ pub fn test_config() -> Config {
     config.auth.hmac_secret = Some(Secret::new(SECRET));
     config.api.key = Some(Secret::new(API_KEY));
     config.shutdown.timeout = Duration::from_secs(3);
+    // Close at once; the paced drain has its own tests.
+    config.shutdown.drain_period = Duration::ZERO;
     // Every test client comes from 127.0.0.1; the per-address attempt limit
     // has its own tests.
     config.limits.connection_rate_per_ip = 0.0;
@@ -42,6 +44,7 @@ pub fn test_config() -> Config {
 pub struct TestNode {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
+    hurry: Option<oneshot::Sender<()>>,
     handle: JoinHandle<Result<(), herald::StartError>>,
 }
 
@@ -62,19 +65,50 @@ impl TestNode {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let handle = tokio::spawn(herald::run(listener, config, async move {
-            let _ = stopped.await;
-        }));
+        let (hurry, hurried) = oneshot::channel::<()>();
+        let handle = tokio::spawn(herald::run_with_hurry(
+            listener,
+            config,
+            async move {
+                let _ = stopped.await;
+            },
+            async move {
+                // A dropped sender is not a second signal.
+                if hurried.await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            },
+        ));
         TestNode {
             addr,
             stop: Some(stop),
+            hurry: Some(hurry),
             handle,
         }
     }
 
     /// Starts the drain and waits for `run` to return.
     pub async fn shutdown(mut self) -> Result<(), herald::StartError> {
-        let _ = self.stop.take().unwrap().send(());
+        self.begin_shutdown();
+        self.wait().await
+    }
+
+    /// Starts the drain, as a first SIGTERM does.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Skips the drain's pacing, as a second SIGTERM does.
+    pub fn hurry(&mut self) {
+        if let Some(hurry) = self.hurry.take() {
+            let _ = hurry.send(());
+        }
+    }
+
+    /// Waits for `run` to return.
+    pub async fn wait(mut self) -> Result<(), herald::StartError> {
         (&mut self.handle).await.unwrap()
     }
 
