@@ -56,6 +56,16 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// GET a node's readiness endpoint: exit 0 when it answers 200, else 1.
+    /// For container health checks in images without a shell or curl.
+    Healthcheck {
+        /// The URL to check.
+        #[arg(long, default_value = "http://127.0.0.1:8080/readyz")]
+        url: String,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -96,6 +106,7 @@ fn main() -> ExitCode {
             }
             Err(error) => invalid(error),
         },
+        Command::Healthcheck { url, timeout } => healthcheck(&url, timeout),
         Command::CheckConfig { config } => match load(config.as_deref()) {
             Ok(config) => {
                 print!("{}", config.to_redacted_toml());
@@ -112,6 +123,58 @@ fn load(file: Option<&std::path::Path>) -> Result<Config, ConfigError> {
     let config = Config::load(file)?;
     herald::check_config(&config)?;
     Ok(config)
+}
+
+/// `herald healthcheck`: 0 when `url` answers 200 within `timeout`.
+fn healthcheck(url: &str, timeout: Duration) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("herald healthcheck: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(async { tokio::time::timeout(timeout, get_status(url)).await }) {
+        Ok(Ok(200)) => ExitCode::SUCCESS,
+        Ok(Ok(status)) => {
+            eprintln!("herald healthcheck: {url} answered {status}");
+            ExitCode::FAILURE
+        }
+        Ok(Err(error)) => {
+            eprintln!("herald healthcheck: {url}: {error:#}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("herald healthcheck: {url}: no answer within {timeout:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The status of a plain-HTTP GET of `url`.
+async fn get_status(url: &str) -> anyhow::Result<u16> {
+    let uri: hyper::Uri = url.parse().context("not a URL")?;
+    anyhow::ensure!(
+        uri.scheme_str() == Some("http"),
+        "only http:// URLs are supported (herald serves TLS only behind a terminating proxy for now)"
+    );
+    let host = uri.host().context("the URL has no host")?;
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = tokio::net::TcpStream::connect((host, port))
+        .await
+        .context("cannot connect")?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, format!("{host}:{port}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    Ok(response.status().as_u16())
 }
 
 fn invalid(error: ConfigError) -> ExitCode {

@@ -182,3 +182,100 @@ fn token_mints_a_verifiable_token() {
     let ttl = principal.expires_at - herald::auth::unix_now();
     assert!((3590..=3606).contains(&ttl), "{ttl}");
 }
+
+/// Runs `herald healthcheck --url URL` and returns its exit status.
+fn healthcheck(url: &str) -> i32 {
+    herald(&["healthcheck", "--url", url, "--timeout", "1s"], &[])
+        .status
+        .code()
+        .unwrap_or(-1)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn healthcheck_follows_readiness_and_a_second_sigterm_skips_the_drain() {
+    use futures_util::StreamExt;
+    use std::time::{Duration, Instant};
+
+    /// Kills the node if the test fails half way.
+    struct Node(std::process::Child);
+    impl Drop for Node {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let port = free_port();
+    let mut node = Node(
+        Command::new(env!("CARGO_BIN_EXE_herald"))
+            .arg("serve")
+            .env("HERALD_AUTH__HMAC_SECRET", SECRET)
+            .env("HERALD_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env("HERALD_SHUTDOWN__DRAIN_PERIOD", "20s")
+            .env("HERALD_SHUTDOWN__TIMEOUT", "30s")
+            .env("HERALD_LOG__LEVEL", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut node.0;
+    let ready = format!("http://127.0.0.1:{port}/readyz");
+    let started = Instant::now();
+    while healthcheck(&ready) != 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "never ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(healthcheck(&format!("http://127.0.0.1:{port}/nope")), 1);
+    assert_eq!(
+        healthcheck(&format!("http://127.0.0.1:{}/readyz", free_port())),
+        1
+    );
+    assert_eq!(healthcheck("https://127.0.0.1:1/readyz"), 1);
+
+    let token = herald::auth::mint_hs256(SECRET, "u", &["news".into()], Duration::from_secs(60));
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws?token={token}"))
+            .await
+            .unwrap();
+    let term = |pid: u32| {
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+    };
+    term(child.id());
+    let draining = Instant::now();
+    while healthcheck(&ready) != 1 {
+        assert!(draining.elapsed() < Duration::from_secs(5), "still ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    term(child.id());
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(message)) = ws.next().await {
+            if let tokio_tungstenite::tungstenite::Message::Close(frame) = message {
+                return frame.map(|f| u16::from(f.code));
+            }
+        }
+        None
+    })
+    .await
+    .expect("closed after the second signal");
+    assert_eq!(closed, Some(1001));
+    let exited = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(exited.elapsed() < Duration::from_secs(5), "did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
