@@ -67,6 +67,22 @@ pub enum AuthError {
 }
 
 impl AuthError {
+    /// Every [`AuthError::code`].
+    pub const CODES: [&'static str; 12] = [
+        "missing_token",
+        "token_too_large",
+        "malformed_token",
+        "algorithm_not_allowed",
+        "bad_signature",
+        "token_expired",
+        "token_not_yet_valid",
+        "wrong_issuer",
+        "wrong_audience",
+        "missing_claim",
+        "invalid_claim",
+        "subject_changed",
+    ];
+
     /// The stable machine-readable reason.
     pub fn code(&self) -> &'static str {
         match self {
@@ -485,6 +501,26 @@ mod tests {
             ))
             .unwrap();
         assert!(dotted.may_subscribe("user.alice=2Ebob.inbox"));
+    }
+
+    #[test]
+    fn every_error_code_is_listed() {
+        let all = [
+            AuthError::Missing,
+            AuthError::TooLarge,
+            AuthError::Malformed,
+            AuthError::AlgorithmNotAllowed,
+            AuthError::BadSignature,
+            AuthError::Expired,
+            AuthError::NotYetValid,
+            AuthError::WrongIssuer,
+            AuthError::WrongAudience,
+            AuthError::MissingClaim("x".into()),
+            AuthError::InvalidClaim("x".into()),
+            AuthError::SubjectChanged,
+        ];
+        let codes: Vec<&str> = all.iter().map(AuthError::code).collect();
+        assert_eq!(codes, AuthError::CODES);
     }
 
     #[test]

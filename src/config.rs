@@ -28,6 +28,7 @@ const LIST_KEYS: &[&str] = &[
     "server.allowed_origins",
     "server.trusted_proxies",
     "broker.cluster_urls",
+    "broker.sentinels",
 ];
 
 /// Invalid configuration. The message names the key and the problem.
@@ -214,6 +215,8 @@ pub enum BrokerKind {
     Redis,
     /// Redis Cluster with sharded pub/sub: SSUBSCRIBE/SPUBLISH.
     RedisCluster,
+    /// A primary found through Redis Sentinel, followed across failovers.
+    RedisSentinel,
 }
 
 /// A Redis URL: shown with its password redacted.
@@ -279,12 +282,21 @@ impl Serialize for RedisUrl {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// `memory`, `redis` or `redis-cluster`.
+    /// `memory`, `redis`, `redis-cluster` or `redis-sentinel`.
     pub kind: BrokerKind,
     /// For `redis`: `redis://[user:password@]host:port[/db]` or `rediss://` for TLS.
     pub url: Option<RedisUrl>,
     /// For `redis-cluster`: seed node URLs.
     pub cluster_urls: Vec<RedisUrl>,
+    /// For `redis-sentinel`: the Sentinels, as `host:port`.
+    pub sentinels: Vec<String>,
+    /// For `redis-sentinel`: the name under which the Sentinels monitor the
+    /// primary.
+    pub master_name: Option<String>,
+    /// For `redis-sentinel`: the password of the Redis primary, if any.
+    pub password: Option<Secret>,
+    /// For `redis-sentinel`: the Sentinels' own password, if any.
+    pub sentinel_password: Option<Secret>,
     /// Prepended to client-visible channel names to form Redis channel names.
     pub channel_prefix: String,
     /// How often the node publishes a probe to its own probe channel.
@@ -315,6 +327,10 @@ impl Default for BrokerConfig {
             kind: BrokerKind::Memory,
             url: None,
             cluster_urls: Vec::new(),
+            sentinels: Vec::new(),
+            master_name: None,
+            password: None,
+            sentinel_password: None,
             channel_prefix: String::new(),
             probe_interval: Duration::from_secs(5),
             probe_timeout: Duration::from_secs(3),
@@ -623,6 +639,31 @@ impl Config {
                     "broker.cluster_urls",
                     "must list at least one seed node when broker.kind = \"redis-cluster\"",
                 ));
+            }
+            BrokerKind::RedisSentinel => {
+                if self.broker.sentinels.is_empty() {
+                    return Err(ConfigError::invalid(
+                        "broker.sentinels",
+                        "must list at least one host:port when broker.kind = \"redis-sentinel\"",
+                    ));
+                }
+                for sentinel in &self.broker.sentinels {
+                    let valid = sentinel.rsplit_once(':').is_some_and(|(host, port)| {
+                        !host.is_empty() && port.parse::<u16>().is_ok()
+                    });
+                    if !valid {
+                        return Err(ConfigError::invalid(
+                            "broker.sentinels",
+                            format!("{sentinel:?} is not host:port"),
+                        ));
+                    }
+                }
+                if self.broker.master_name.as_deref().is_none_or(str::is_empty) {
+                    return Err(ConfigError::invalid(
+                        "broker.master_name",
+                        "is required when broker.kind = \"redis-sentinel\"",
+                    ));
+                }
             }
             _ => {}
         }

@@ -123,7 +123,7 @@ async fn start(config: Config) -> Result<Node, StartError> {
             metrics.broker_connected(true);
             (hub.clone(), Arc::new(MemoryBroker::new(hub)))
         }
-        BrokerKind::Redis | BrokerKind::RedisCluster => {
+        BrokerKind::Redis | BrokerKind::RedisCluster | BrokerKind::RedisSentinel => {
             // rediss:// needs a process-wide TLS crypto provider; a second
             // install (another node in this process) is harmless.
             let _ = rustls::crypto::ring::default_provider().install_default();

@@ -125,6 +125,26 @@ fn load(file: Option<&std::path::Path>) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
+/// Raises the soft limit on open files to the hard limit: every connection is
+/// a file, and container runtimes often start processes at a soft 1,024.
+fn raise_open_files_limit(max_connections: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            // A WebSocket, plus headroom for HTTP connections, Redis and logs.
+            if limit < max_connections as u64 + 64 {
+                tracing::warn!(
+                    open_files = limit,
+                    max_connections,
+                    "the open-files limit is below limits.max_connections; raise the hard limit (ulimit -Hn) or lower max_connections"
+                );
+            } else {
+                tracing::info!(open_files = limit, "open-files limit");
+            }
+        }
+        Err(error) => tracing::warn!(%error, "cannot read or raise the open-files limit"),
+    }
+}
+
 /// `herald healthcheck`: 0 when `url` answers 200 within `timeout`.
 fn healthcheck(url: &str, timeout: Duration) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -241,6 +261,7 @@ More tokens: HERALD_AUTH__HMAC_SECRET={secret} herald token --sub alice --channe
 
 fn serve(config: Config, banner: Option<String>) -> ExitCode {
     init_tracing(&config);
+    raise_open_files_limit(config.limits.max_connections);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

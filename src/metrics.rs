@@ -13,7 +13,29 @@ use prometheus::{
 
 use crate::auth::AuthError;
 use crate::config::SlowPolicy;
-use crate::protocol::ErrorCode;
+use crate::protocol::{CloseCode, ErrorCode};
+
+/// Every `reason` of `herald_connections_rejected_total`.
+const REJECTION_REASONS: [&str; 8] = [
+    "bad_handshake",
+    "draining",
+    "forbidden_origin",
+    "max_connections",
+    "max_connections_per_ip",
+    "connection_rate",
+    "connection_rate_per_ip",
+    "unauthorized",
+];
+
+/// Every `reason` of `herald_http_connection_errors_total`.
+const HTTP_CONNECTION_ERRORS: [&str; 6] = [
+    "header_timeout",
+    "header_too_large",
+    "malformed",
+    "io",
+    "too_many_connections",
+    "idle_timeout",
+];
 
 /// A cheap-to-clone handle to the node's metrics.
 #[derive(Clone)]
@@ -223,8 +245,40 @@ impl Metrics {
             },
             registry,
         };
-        Metrics {
+        let metrics = Metrics {
             inner: Arc::new(inner),
+        };
+        metrics.initialise_series();
+        metrics
+    }
+
+    /// Creates every series whose label values are known in advance, at 0,
+    /// so that dashboards and alerts see them before the first event (an
+    /// absent series is not a zero to PromQL's `rate`).
+    fn initialise_series(&self) {
+        let inner = &self.inner;
+        for code in CloseCode::ALL {
+            inner.disconnects.with_label_values(&[code.reason()]);
+        }
+        for reason in ["client_closed", "connection_lost", "internal_error"] {
+            inner.disconnects.with_label_values(&[reason]);
+        }
+        for reason in REJECTION_REASONS {
+            inner.connections_rejected.with_label_values(&[reason]);
+        }
+        for reason in ["queue_full", "conflated", "rate_limited", "too_large"] {
+            for policy in ["disconnect", "drop_oldest", "conflate"] {
+                inner.messages_dropped.with_label_values(&[reason, policy]);
+            }
+        }
+        for code in AuthError::CODES {
+            inner.auth_failures.with_label_values(&[code]);
+        }
+        for code in ErrorCode::ALL {
+            inner.client_errors.with_label_values(&[code.as_str()]);
+        }
+        for reason in HTTP_CONNECTION_ERRORS {
+            inner.http_connection_errors.with_label_values(&[reason]);
         }
     }
 
@@ -357,5 +411,43 @@ impl Metrics {
 
     pub fn broker_roundtrip(&self, elapsed: Duration) {
         self.inner.broker_roundtrip.observe(elapsed.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_series_exist_before_their_first_event() {
+        let text = Metrics::new("n").render();
+        for (name, labels) in [
+            (
+                "herald_disconnects_total",
+                &["reason=\"slow_consumer\""][..],
+            ),
+            ("herald_disconnects_total", &["reason=\"client_closed\""]),
+            (
+                "herald_connections_rejected_total",
+                &["reason=\"connection_rate_per_ip\""],
+            ),
+            (
+                "herald_messages_dropped_total",
+                &["policy=\"conflate\"", "reason=\"conflated\""],
+            ),
+            ("herald_auth_failures_total", &["reason=\"bad_signature\""]),
+            ("herald_client_errors_total", &["code=\"limit_exceeded\""]),
+            (
+                "herald_http_connection_errors_total",
+                &["reason=\"idle_timeout\""],
+            ),
+        ] {
+            let found = text.lines().any(|line| {
+                line.starts_with(&format!("{name}{{"))
+                    && labels.iter().all(|label| line.contains(label))
+                    && line.ends_with(" 0")
+            });
+            assert!(found, "{name} {labels:?} missing from\n{text}");
+        }
     }
 }

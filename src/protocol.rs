@@ -41,6 +41,21 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
+    /// Every close code the node sends.
+    pub const ALL: [CloseCode; 11] = [
+        CloseCode::Normal,
+        CloseCode::GoingAway,
+        CloseCode::ProtocolError,
+        CloseCode::InvalidPayload,
+        CloseCode::MessageTooBig,
+        CloseCode::TokenExpired,
+        CloseCode::SlowConsumer,
+        CloseCode::PingTimeout,
+        CloseCode::Forbidden,
+        CloseCode::PolicyViolation,
+        CloseCode::FrameTimeout,
+    ];
+
     pub fn code(self) -> u16 {
         match self {
             CloseCode::Normal => 1000,
@@ -111,6 +126,19 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every error code.
+    pub const ALL: [ErrorCode; 9] = [
+        ErrorCode::InvalidJson,
+        ErrorCode::InvalidRequest,
+        ErrorCode::UnknownOp,
+        ErrorCode::UnsupportedFrame,
+        ErrorCode::Forbidden,
+        ErrorCode::InvalidChannel,
+        ErrorCode::LimitExceeded,
+        ErrorCode::InvalidToken,
+        ErrorCode::BrokerUnavailable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidJson => "invalid_json",
@@ -506,22 +534,8 @@ mod tests {
 
     #[test]
     fn close_codes_match_the_protocol_doc() {
-        use CloseCode::*;
         let doc = include_str!("../docs/PROTOCOL.md");
-        let all = [
-            Normal,
-            GoingAway,
-            ProtocolError,
-            InvalidPayload,
-            MessageTooBig,
-            TokenExpired,
-            SlowConsumer,
-            PingTimeout,
-            Forbidden,
-            PolicyViolation,
-            FrameTimeout,
-        ];
-        for code in all {
+        for code in CloseCode::ALL {
             let prefix = format!("| {} | `{}` |", code.code(), code.reason());
             let row = doc
                 .lines()

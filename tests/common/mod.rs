@@ -31,7 +31,7 @@ pub fn test_config() -> Config {
     config.node.id = Some("test-node".into());
     config.auth.hmac_secret = Some(Secret::new(SECRET));
     config.api.key = Some(Secret::new(API_KEY));
-    config.shutdown.timeout = Duration::from_secs(3);
+    config.shutdown.timeout = Duration::from_secs(5);
     // Close at once; the paced drain has its own tests.
     config.shutdown.drain_period = Duration::ZERO;
     // Every test client comes from 127.0.0.1; the per-address attempt limit
@@ -158,9 +158,11 @@ pub async fn eventually_metric(node: &TestNode, name_and_labels: &str, value: f6
 
 /// The value of a metric line such as `herald_frames_delivered_total{node="x"} 3`.
 pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    // The sum over every series of the name that carries the given labels:
+    // label values are pre-initialised at 0, so a partial match may be many.
     text.lines()
         .filter(|line| !line.starts_with('#'))
-        .find(|line| {
+        .filter(|line| {
             let (series, _) = line.rsplit_once(' ').unwrap();
             let name = series.split('{').next().unwrap();
             let wanted_name = name_and_labels.split('{').next().unwrap();
@@ -175,8 +177,8 @@ pub fn metric(text: &str, name_and_labels: &str) -> f64 {
                     })
                     .unwrap_or(true)
         })
-        .map(|line| line.rsplit_once(' ').unwrap().1.parse().unwrap())
-        .unwrap_or(0.0)
+        .map(|line| line.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
+        .sum()
 }
 
 /// An HS256 token for `sub` granting `channels`, valid for an hour.

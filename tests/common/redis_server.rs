@@ -459,3 +459,158 @@ async fn pump(
         }
     }
 }
+
+/// A primary, one replica and three Sentinels monitoring them as `mymaster`:
+/// all real `redis-server` processes.
+pub struct RedisSentinels {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    pub sentinels: Vec<SentinelProcess>,
+}
+
+/// One `redis-server --sentinel` process with its own config file.
+pub struct SentinelProcess {
+    pub port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Drop for SentinelProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl RedisSentinels {
+    pub const MASTER_NAME: &'static str = "mymaster";
+
+    pub async fn start() -> RedisSentinels {
+        let primary = RedisServer::start();
+        let primary_port = primary.port.to_string();
+        let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary_port]);
+        let sentinels = (0..3)
+            .map(|_| {
+                let port = free_port();
+                let dir = std::env::temp_dir()
+                    .join(format!("herald-sentinel-{}-{port}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(&dir).unwrap();
+                let conf = dir.join("sentinel.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\ndir {}\n\
+                         sentinel monitor {} 127.0.0.1 {primary_port} 2\n\
+                         sentinel down-after-milliseconds {} 1000\n\
+                         sentinel failover-timeout {} 10000\n\
+                         sentinel parallel-syncs {} 1\n",
+                        dir.display(),
+                        Self::MASTER_NAME,
+                        Self::MASTER_NAME,
+                        Self::MASTER_NAME,
+                        Self::MASTER_NAME,
+                    ),
+                )
+                .unwrap();
+                let child = Command::new("redis-server")
+                    .arg(&conf)
+                    .arg("--sentinel")
+                    .current_dir(&dir)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("cannot start a Sentinel: {e}; {INSTALL_HINT}"));
+                SentinelProcess { port, dir, child }
+            })
+            .collect();
+        let set = RedisSentinels {
+            primary,
+            replica,
+            sentinels,
+        };
+        set.wait_for_replica().await;
+        set
+    }
+
+    pub fn addresses(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect()
+    }
+
+    async fn sentinel_command(&self, index: usize, args: &[&str]) -> Option<redis::Value> {
+        let url = format!("redis://127.0.0.1:{}", self.sentinels[index].port);
+        let mut connection = redis::Client::open(url)
+            .ok()?
+            .get_multiplexed_async_connection()
+            .await
+            .ok()?;
+        let mut command = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            command.arg(*arg);
+        }
+        command.query_async(&mut connection).await.ok()
+    }
+
+    /// Waits until every Sentinel knows the replica (they learn of it from the
+    /// primary's INFO, every ten seconds at first), so that a failover can
+    /// promote it.
+    async fn wait_for_replica(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+        for index in 0..self.sentinels.len() {
+            loop {
+                let replicas = self
+                    .sentinel_command(index, &["SENTINEL", "REPLICAS", Self::MASTER_NAME])
+                    .await;
+                if matches!(replicas, Some(redis::Value::Array(list)) if !list.is_empty()) {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "Sentinel {index} never saw the replica"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
+    /// The port of the primary the Sentinels name now.
+    pub async fn primary_port(&self) -> Option<u16> {
+        let reply = self
+            .sentinel_command(
+                0,
+                &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", Self::MASTER_NAME],
+            )
+            .await?;
+        let redis::Value::Array(fields) = reply else {
+            return None;
+        };
+        match fields.get(1)? {
+            redis::Value::BulkString(port) => std::str::from_utf8(port).ok()?.parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// Asks a Sentinel to fail over, and waits until the replica is named.
+    pub async fn failover(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            self.sentinel_command(0, &["SENTINEL", "FAILOVER", Self::MASTER_NAME])
+                .await;
+            let named = tokio::time::Instant::now() + Duration::from_secs(5);
+            while tokio::time::Instant::now() < named {
+                if self.primary_port().await == Some(self.replica.port) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the failover did not happen"
+            );
+        }
+    }
+}

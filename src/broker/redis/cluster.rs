@@ -286,6 +286,7 @@ impl Cluster {
                         notify: Notify::new(),
                     }),
                     target.clone(),
+                    None,
                 );
                 tokio::spawn(link::supervise(link.clone(), None));
                 links.insert(address.clone(), link);

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::cluster::Topology;
+use super::sentinel::{self, Sentinel};
 use crate::config::BrokerConfig;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -110,8 +111,13 @@ pub(super) struct Shard {
 pub(super) struct Link {
     common: Arc<Common>,
     scope: Scope,
-    /// Where to connect, with RESP3 set.
-    target: ConnectionInfo,
+    /// Where to connect, with RESP3 set. With Sentinel, replaced by the
+    /// primary's address before every connection attempt.
+    target: Mutex<ConnectionInfo>,
+    /// With `redis-sentinel`: where to ask for the primary.
+    sentinel: Option<Sentinel>,
+    /// With `redis-sentinel`: the `host:port` of the primary connected to.
+    primary: Mutex<String>,
     /// The connection, while connected: publishes and probes use it too.
     connection: Mutex<Option<MultiplexedConnection>>,
     /// [`DOWN`], [`RESUBSCRIBING`] or [`UP`].
@@ -158,12 +164,19 @@ pub(super) fn is_redirect(error: &RedisError) -> bool {
 }
 
 impl Link {
-    pub fn new(common: Arc<Common>, scope: Scope, target: ConnectionInfo) -> Arc<Link> {
+    pub fn new(
+        common: Arc<Common>,
+        scope: Scope,
+        target: ConnectionInfo,
+        sentinel: Option<Sentinel>,
+    ) -> Arc<Link> {
         let stop = common.shutdown.child_token();
         common.link_added();
         Arc::new(Link {
             scope,
-            target,
+            target: Mutex::new(target),
+            sentinel,
+            primary: Mutex::new(String::new()),
             connection: Mutex::new(None),
             state: AtomicU8::new(DOWN),
             confirmed: Mutex::new(HashSet::new()),
@@ -182,6 +195,9 @@ impl Link {
 
     pub fn label(&self) -> String {
         match &self.scope {
+            Scope::Everything if self.sentinel.is_some() => {
+                format!("sentinel primary {}", lock(&self.primary))
+            }
             Scope::Everything => "redis".to_owned(),
             Scope::Shard(shard) => shard.address.to_string(),
         }
@@ -291,10 +307,22 @@ impl Link {
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
             .set_push_sender(on_push);
-        let client = redis::Client::open(self.target.clone())?;
-        let connection = client
+        if let Some(sentinel) = &self.sentinel {
+            let (address, target) = sentinel.primary().await?;
+            *lock(&self.target) = target;
+            *lock(&self.primary) = address;
+        }
+        let target = lock(&self.target).clone();
+        let client = redis::Client::open(target)?;
+        let mut connection = client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
+        if self.sentinel.is_some() && !sentinel::is_primary(&mut connection).await? {
+            return Err(RedisError::from((
+                redis::ErrorKind::Io,
+                "the node the Sentinels named is not a primary (yet)",
+            )));
+        }
         *lock(&self.probe_channel) = self.choose_probe_channel();
         Ok(connection)
     }
@@ -479,6 +507,16 @@ impl Link {
             .query_async::<i64>(connection)
             .await?;
         Ok(())
+    }
+
+    /// With Sentinel: whether the Sentinels now name another primary than the
+    /// one connected to. A Sentinel that cannot be asked changes nothing.
+    async fn primary_moved(&self) -> Option<String> {
+        let sentinel = self.sentinel.as_ref()?;
+        let (address, _) = sentinel.primary().await.ok()?;
+        let current = lock(&self.primary).clone();
+        (address != current)
+            .then(|| format!("the Sentinels moved the primary from {current} to {address}"))
     }
 
     /// Subscribes the probe channel and every channel this link carries.
@@ -703,6 +741,9 @@ async fn steady(
                 }
                 if now >= next_probe {
                     next_probe = now + config.probe_interval;
+                    if let Some(moved) = link.primary_moved().await {
+                        return Lost::Error(moved);
+                    }
                     if probe_due.is_none() {
                         *probe_sequence += 1;
                         link.probe_sent_ms
@@ -753,7 +794,7 @@ mod tests {
             .unwrap()
             .get_connection_info()
             .clone();
-        Link::new(common, Scope::Everything, target)
+        Link::new(common, Scope::Everything, target, None)
     }
 
     fn push(kind: PushKind, channel: &str, payload: Value) -> PushInfo {

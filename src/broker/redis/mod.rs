@@ -14,6 +14,7 @@
 
 mod cluster;
 mod link;
+mod sentinel;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
@@ -30,6 +31,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use cluster::Cluster;
 use link::{Common, Link, Scope};
+use sentinel::Sentinel;
 
 /// Checks the broker URLs without connecting.
 pub fn check_config(config: &BrokerConfig) -> Result<(), ConfigError> {
@@ -50,6 +52,7 @@ pub fn check_config(config: &BrokerConfig) -> Result<(), ConfigError> {
             }
             cluster_seeds(config).map(|_| ())
         }
+        BrokerKind::RedisSentinel => Sentinel::from_config(config).map(|_| ()),
     }
 }
 
@@ -144,10 +147,24 @@ impl RedisBroker {
                     .map_err(|e| RedisStartError::Auth(e.to_string()))?;
                 Inner::Cluster(cluster)
             }
-            BrokerKind::Redis | BrokerKind::Memory => {
-                let url = config.url.as_ref().expect("checked by check_config");
-                let target = client_for(url.expose())?.get_connection_info().clone();
-                let link = Link::new(common.clone(), Scope::Everything, target);
+            BrokerKind::Redis | BrokerKind::RedisSentinel | BrokerKind::Memory => {
+                let (target, sentinel) = match config.kind {
+                    BrokerKind::RedisSentinel => (
+                        // Replaced by the primary the Sentinels name before each connect.
+                        client_for("redis://127.0.0.1:6379")?
+                            .get_connection_info()
+                            .clone(),
+                        Some(Sentinel::from_config(config)?),
+                    ),
+                    _ => {
+                        let url = config.url.as_ref().expect("checked by check_config");
+                        (
+                            client_for(url.expose())?.get_connection_info().clone(),
+                            None,
+                        )
+                    }
+                };
+                let link = Link::new(common.clone(), Scope::Everything, target, sentinel);
                 let first = match link.connect().await {
                     Ok(connection) => Some(connection),
                     Err(error) if link::is_auth_error(&error) => {
