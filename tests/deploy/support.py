@@ -42,14 +42,9 @@ CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "HTTPRoute"}
 # that docs/configuration.md does not list yet. Once documented, they are
 # checked like every other key; drop them from here then.
 PENDING_KEYS = {
-    "shutdown.drain_period",
     "server.tls.cert_file",
     "server.tls.key_file",
     "server.tls.client_ca_file",
-    "broker.sentinels",
-    "broker.master_name",
-    "broker.password",
-    "broker.sentinel_password",
 }
 
 
