@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Runs every test herald has: the Rust suites (against real redis-server
+# processes), the JavaScript client's tests, and the deployment checks (Helm
+# chart, manifests, compose, dashboards, alerts). Installs what a fresh
+# machine lacks, idempotently, and ends with one line: `N passed, M failed`.
+set -uo pipefail
+cd "$(dirname "$0")"
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+apt_updated=
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || { echo "test.sh: please install $*" >&2; return 1; }
+    if [ -z "$apt_updated" ]; then
+        as_root apt-get update -qq && apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+command -v redis-server >/dev/null 2>&1 || { echo "test.sh: installing redis-server"; apt_install redis-server; }
+python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null \
+    || { echo "test.sh: installing python3-venv"; apt_install python3-venv; }
+command -v npm >/dev/null 2>&1 || { echo "test.sh: installing nodejs and npm"; apt_install nodejs npm; }
+command -v openssl >/dev/null 2>&1 || { echo "test.sh: installing openssl"; apt_install openssl; }
+
+passed=0
+failed=0
+status=0
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+# Adds the counts a runner printed to the totals.
+count() {
+    local p f
+    p=$(awk "$1" "$log")
+    f=$(awk "$2" "$log")
+    passed=$((passed + ${p:-0}))
+    failed=$((failed + ${f:-0}))
+}
+
+echo "== Rust (cargo test --workspace)"
+cargo test --workspace 2>&1 | tee "$log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+count '/^test result:/ { n += $4 } END { print n + 0 }' '/^test result:/ { n += $6 } END { print n + 0 }'
+
+echo "== JavaScript client (clients/js)"
+(cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm test) 2>&1 | tee "$log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+count '/^# pass / { n += $3 } END { print n + 0 }' '/^# fail / { n += $3 } END { print n + 0 }'
+
+echo "== Deployment (helm/herald, deploy/)"
+HERALD_BIN=target/debug/herald bash scripts/test-deploy.sh 2>&1 | tee "$log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+count '/ passed/ { for (i = 1; i < NF; i++) if ($(i + 1) ~ /^passed/) n += $i } END { print n + 0 }' \
+      '/ failed/ { for (i = 1; i < NF; i++) if ($(i + 1) ~ /^failed/) n += $i } END { print n + 0 }'
+
+if [ "$status" != 0 ] && [ "$failed" = 0 ]; then
+    # A runner failed without counting a test (a build error, say).
+    failed=1
+fi
+echo "${passed} passed, ${failed} failed"
+exit "$status"
