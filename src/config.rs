@@ -139,6 +139,64 @@ pub struct ServerConfig {
     pub trusted_proxy_header: Option<String>,
     /// Peers (IPs or CIDRs) whose `trusted_proxy_header` is believed.
     pub trusted_proxies: Vec<String>,
+    /// Native TLS: when set, the listener serves HTTPS and `wss://` only.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: the listener's certificate and key, and optionally the CAs
+/// whose client certificates are required (mutual TLS).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the leaf certificate.
+    pub key_file: PathBuf,
+    /// PEM CA certificates; when set, clients must present a certificate
+    /// they signed.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// A TLS handshake not complete within this long is dropped.
+    #[serde(
+        default = "TlsConfig::default_handshake_timeout",
+        with = "humantime_serde"
+    )]
+    pub handshake_timeout: Duration,
+    /// TLS handshakes in progress at once; a connection beyond it is closed.
+    #[serde(default = "TlsConfig::default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// How often the files are read again to pick up a new certificate.
+    #[serde(
+        default = "TlsConfig::default_reload_interval",
+        with = "humantime_serde"
+    )]
+    pub reload_interval: Duration,
+}
+
+impl TlsConfig {
+    fn default_handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+
+    fn default_max_handshakes() -> usize {
+        1024
+    }
+
+    fn default_reload_interval() -> Duration {
+        Duration::from_secs(10)
+    }
+
+    /// `[server.tls]` with these files and the defaults.
+    pub fn with_files(cert_file: PathBuf, key_file: PathBuf) -> TlsConfig {
+        TlsConfig {
+            cert_file,
+            key_file,
+            client_ca_file: None,
+            handshake_timeout: Self::default_handshake_timeout(),
+            max_handshakes: Self::default_max_handshakes(),
+            reload_interval: Self::default_reload_interval(),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -152,6 +210,7 @@ impl Default for ServerConfig {
             allowed_origins: Vec::new(),
             trusted_proxy_header: None,
             trusted_proxies: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -610,6 +669,16 @@ impl Config {
         positive("limits.write_timeout", self.limits.write_timeout)?;
         positive("server.http_idle_timeout", self.server.http_idle_timeout)?;
         positive("limits.frame_timeout", self.limits.frame_timeout)?;
+        if let Some(tls) = &self.server.tls {
+            positive("server.tls.handshake_timeout", tls.handshake_timeout)?;
+            positive("server.tls.reload_interval", tls.reload_interval)?;
+            if tls.max_handshakes == 0 {
+                return Err(ConfigError::invalid(
+                    "server.tls.max_handshakes",
+                    "must be at least 1",
+                ));
+            }
+        }
         positive("broker.probe_interval", self.broker.probe_interval)?;
         positive("broker.probe_timeout", self.broker.probe_timeout)?;
         positive("broker.subscribe_timeout", self.broker.subscribe_timeout)?;

@@ -36,6 +36,7 @@ pub mod protocol;
 mod rate;
 mod server;
 pub mod shutdown;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -90,6 +91,8 @@ pub(crate) struct NodeState {
     sessions: std::sync::Mutex<std::collections::HashMap<ConnectionId, Arc<Outbox>>>,
     /// Every HTTP connection and WebSocket session, for the drain.
     tracker: TaskTracker,
+    /// The TLS acceptor, when `server.tls` is set.
+    tls: Option<Arc<tls::Tls>>,
     /// One permit per open HTTP connection not yet upgraded
     /// (`server.max_http_connections`).
     http_slots: Arc<tokio::sync::Semaphore>,
@@ -109,6 +112,9 @@ pub fn check_config(config: &Config) -> Result<(), ConfigError> {
     Authenticator::from_config(&config.auth)?;
     Admission::from_config(config)?;
     crate::broker::redis::check_config(&config.broker)?;
+    if let Some(tls) = &config.server.tls {
+        tls::Tls::new(tls, Metrics::new("check"))?;
+    }
     Ok(())
 }
 
@@ -117,6 +123,14 @@ async fn start(config: Config) -> Result<Node, StartError> {
     let auth = Authenticator::from_config(&config.auth)?;
     let metrics = Metrics::new(&id);
     let shutdown = CancellationToken::new();
+    let tls = match &config.server.tls {
+        Some(tls_config) => {
+            let tls = Arc::new(tls::Tls::new(tls_config, metrics.clone())?);
+            tokio::spawn(tls.clone().watch(shutdown.clone()));
+            Some(tls)
+        }
+        None => None,
+    };
     let (hub, broker): (Hub, Arc<dyn Broker>) = match config.broker.kind {
         BrokerKind::Memory => {
             let hub = Hub::new(&config, metrics.clone(), false);
@@ -151,6 +165,7 @@ async fn start(config: Config) -> Result<Node, StartError> {
         shutdown,
         tracker: TaskTracker::new(),
         sessions: Default::default(),
+        tls: tls.clone(),
         http_slots: Arc::new(tokio::sync::Semaphore::new(
             config.server.max_http_connections,
         )),

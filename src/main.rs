@@ -1,8 +1,9 @@
 //! The `herald` binary: parse the command line, load and validate the
 //! configuration, set up logging, and hand over to [`herald::run`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -34,6 +35,10 @@ enum Command {
         /// TOML configuration file.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Serve HTTPS and wss:// with a freshly generated self-signed
+        /// certificate for localhost.
+        #[arg(long)]
+        tls: bool,
     },
     /// Mint an HS256 client token with the configured `auth.hmac_secret`.
     Token {
@@ -65,6 +70,13 @@ enum Command {
         /// How long to wait for the answer.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// For https:// URLs: the PEM CA certificates to trust.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// For https:// URLs: do not verify the certificate (as Kubernetes
+        /// HTTPS probes do); the check is about readiness, not identity.
+        #[arg(long)]
+        insecure: bool,
     },
 }
 
@@ -75,7 +87,7 @@ fn main() -> ExitCode {
             Ok(config) => serve(config, None),
             Err(error) => invalid(error),
         },
-        Command::Dev { config } => match dev_config(config) {
+        Command::Dev { config, tls } => match dev_config(config, tls) {
             Ok((config, banner)) => serve(config, Some(banner)),
             Err(error) => invalid(error),
         },
@@ -106,7 +118,12 @@ fn main() -> ExitCode {
             }
             Err(error) => invalid(error),
         },
-        Command::Healthcheck { url, timeout } => healthcheck(&url, timeout),
+        Command::Healthcheck {
+            url,
+            timeout,
+            ca_file,
+            insecure,
+        } => healthcheck(&url, timeout, ca_file.as_deref(), insecure),
         Command::CheckConfig { config } => match load(config.as_deref()) {
             Ok(config) => {
                 print!("{}", config.to_redacted_toml());
@@ -146,7 +163,7 @@ fn raise_open_files_limit(max_connections: usize) {
 }
 
 /// `herald healthcheck`: 0 when `url` answers 200 within `timeout`.
-fn healthcheck(url: &str, timeout: Duration) -> ExitCode {
+fn healthcheck(url: &str, timeout: Duration, ca_file: Option<&Path>, insecure: bool) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -157,7 +174,8 @@ fn healthcheck(url: &str, timeout: Duration) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(async { tokio::time::timeout(timeout, get_status(url)).await }) {
+    let check = get_status(url, ca_file, insecure);
+    match runtime.block_on(async { tokio::time::timeout(timeout, check).await }) {
         Ok(Ok(200)) => ExitCode::SUCCESS,
         Ok(Ok(status)) => {
             eprintln!("herald healthcheck: {url} answered {status}");
@@ -174,27 +192,121 @@ fn healthcheck(url: &str, timeout: Duration) -> ExitCode {
     }
 }
 
-/// The status of a plain-HTTP GET of `url`.
-async fn get_status(url: &str) -> anyhow::Result<u16> {
+/// The status of a GET of `url`, over TLS for `https://`.
+async fn get_status(url: &str, ca_file: Option<&Path>, insecure: bool) -> anyhow::Result<u16> {
     let uri: hyper::Uri = url.parse().context("not a URL")?;
-    anyhow::ensure!(
-        uri.scheme_str() == Some("http"),
-        "only http:// URLs are supported (herald serves TLS only behind a terminating proxy for now)"
-    );
-    let host = uri.host().context("the URL has no host")?;
-    let port = uri.port_u16().unwrap_or(80);
-    let stream = tokio::net::TcpStream::connect((host, port))
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => anyhow::bail!("only http:// and https:// URLs are supported"),
+    };
+    let host = uri.host().context("the URL has no host")?.to_owned();
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let stream = tokio::net::TcpStream::connect((host.as_str(), port))
         .await
         .context("cannot connect")?;
+    if !https {
+        return get(stream, &host, port, &path).await;
+    }
+    let config = tls_client_config(ca_file, insecure)?;
+    let name = rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
+        .context("not a valid TLS server name")?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, stream)
+        .await
+        .context("TLS handshake failed")?;
+    get(stream, &host, port, &path).await
+}
+
+async fn get<I>(io: I, host: &str, port: u16, path: &str) -> anyhow::Result<u16>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
     tokio::spawn(connection);
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let request = hyper::Request::get(path)
         .header(hyper::header::HOST, format!("{host}:{port}"))
         .body(http_body_util::Empty::<bytes::Bytes>::new())?;
     let response = sender.send_request(request).await?;
     Ok(response.status().as_u16())
+}
+
+fn tls_client_config(
+    ca_file: Option<&Path>,
+    insecure: bool,
+) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let config = if insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth()
+    } else {
+        let path = ca_file.context("an https:// URL needs --ca-file or --insecure")?;
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in rustls::pki_types::CertificateDer::pem_file_iter(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+        {
+            roots.add(certificate?)?;
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    Ok(config)
+}
+
+/// Accepts any server certificate, for `--insecure`: the signatures of the
+/// handshake are still checked, the certificate's issuer and name are not.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 fn invalid(error: ConfigError) -> ExitCode {
@@ -203,8 +315,27 @@ fn invalid(error: ConfigError) -> ExitCode {
 }
 
 /// `herald dev`: the configuration with generated secrets, and the banner.
-fn dev_config(file: Option<PathBuf>) -> Result<(Config, String), ConfigError> {
+fn dev_config(file: Option<PathBuf>, tls: bool) -> Result<(Config, String), ConfigError> {
     let mut config = Config::read(file.as_deref())?;
+    let mut trust = String::new();
+    if tls {
+        let dir = std::env::temp_dir().join(format!("herald-dev-tls-{}", std::process::id()));
+        let (cert, key) = herald::tls::write_dev_certificate(&dir).map_err(|e| {
+            ConfigError::invalid("--tls", format!("cannot write a certificate: {e}"))
+        })?;
+        trust = format!(
+            r#"
+The certificate is self-signed, for localhost and 127.0.0.1: {cert}
+Trust it, or tools refuse it:
+  curl:      add --cacert {cert}
+  Chromium:  chrome://certificate-manager -> Custom -> Trusted certificates -> Import {cert}
+             (or open https://127.0.0.1:<port>/ once and accept the warning)
+  Debian:    sudo cp {cert} /usr/local/share/ca-certificates/herald-dev.crt && sudo update-ca-certificates
+"#,
+            cert = cert.display()
+        );
+        config.server.tls = Some(herald::config::TlsConfig::with_files(cert, key));
+    }
     config.broker.kind = herald::config::BrokerKind::Memory;
     let secret = config
         .auth
@@ -233,9 +364,14 @@ fn dev_config(file: Option<PathBuf>) -> Result<(Config, String), ConfigError> {
         &["*".to_owned()],
         Duration::from_secs(86_400),
     );
+    let (http, ws) = if tls {
+        ("https", "wss")
+    } else {
+        ("http", "ws")
+    };
     let banner = format!(
         r#"
-herald dev node on http://{address} (in-memory broker)
+herald dev node on {http}://{address} (in-memory broker)
 
 A client token for user "dev-user", granting every channel, valid 24h:
 
@@ -243,16 +379,16 @@ A client token for user "dev-user", granting every channel, valid 24h:
 
 1. Open any page's browser console (e.g. about:blank) and paste:
 
-  const ws = new WebSocket("ws://{address}/ws?token={token}");
+  const ws = new WebSocket("{ws}://{address}/ws?token={token}");
   ws.onmessage = (e) => console.log(JSON.parse(e.data));
   ws.onopen = () => ws.send(JSON.stringify({{op: "subscribe", id: 1, channels: ["news"]}}));
 
 2. Publish from a terminal:
 
-  curl -sS http://{address}/api/publish -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' -d '{{"channel":"news","data":{{"hello":"world"}}}}'
+  curl -sS {http}://{address}/api/publish -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' -d '{{"channel":"news","data":{{"hello":"world"}}}}'
 
 More tokens: HERALD_AUTH__HMAC_SECRET={secret} herald token --sub alice --channels 'news,prices.*'
-"#,
+{trust}"#,
         secret = secret.expose(),
         api_key = api_key.expose(),
     );

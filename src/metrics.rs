@@ -65,6 +65,9 @@ struct Inner {
     gap_notices: IntCounter,
     broker_probe_failures: IntCounter,
     broker_stale_pushes: IntCounter,
+    tls_handshake_failures: IntCounterVec,
+    tls_handshakes_in_progress: IntGauge,
+    tls_reloads: IntCounterVec,
     broker_unsolicited_unsubscribes: IntCounter,
     broker_links: IntGauge,
     broker_links_up: IntGauge,
@@ -223,6 +226,23 @@ impl Metrics {
                 "broker_links_up",
                 "Redis connections carrying subscriptions that are connected and subscribed.",
             ),
+            tls_handshake_failures: counter_vec(
+                r,
+                "tls_handshake_failures_total",
+                "TLS handshakes that did not complete, by reason.",
+                &["reason"],
+            ),
+            tls_handshakes_in_progress: gauge(
+                r,
+                "tls_handshakes_in_progress",
+                "TLS handshakes under way (bounded by server.tls.max_handshakes).",
+            ),
+            tls_reloads: counter_vec(
+                r,
+                "tls_reloads_total",
+                "Certificate reloads after the TLS files changed, by result (ok or error).",
+                &["result"],
+            ),
             broker_stale_pushes: counter(
                 r,
                 "broker_stale_pushes_total",
@@ -279,6 +299,14 @@ impl Metrics {
         }
         for reason in HTTP_CONNECTION_ERRORS {
             inner.http_connection_errors.with_label_values(&[reason]);
+        }
+        for failure in crate::tls::HandshakeFailure::ALL {
+            inner
+                .tls_handshake_failures
+                .with_label_values(&[failure.reason()]);
+        }
+        for result in ["ok", "error"] {
+            inner.tls_reloads.with_label_values(&[result]);
         }
     }
 
@@ -403,6 +431,26 @@ impl Metrics {
 
     pub fn broker_unsolicited_unsubscribe(&self) {
         self.inner.broker_unsolicited_unsubscribes.inc();
+    }
+
+    pub fn tls_handshake_failed(&self, reason: &str) {
+        self.inner
+            .tls_handshake_failures
+            .with_label_values(&[reason])
+            .inc();
+    }
+
+    pub fn tls_handshake_started(&self) {
+        self.inner.tls_handshakes_in_progress.inc();
+    }
+
+    pub fn tls_handshake_ended(&self) {
+        self.inner.tls_handshakes_in_progress.dec();
+    }
+
+    pub fn tls_reloaded(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.inner.tls_reloads.with_label_values(&[result]).inc();
     }
 
     pub fn broker_stale_push(&self) {

@@ -43,10 +43,22 @@ pub(crate) async fn accept_loop(listener: TcpListener, node: Node) {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 match node.http_slots.clone().try_acquire_owned() {
-                    Ok(slot) => {
-                        node.tracker
-                            .spawn(serve_http(stream, peer, node.clone(), slot));
-                    }
+                    Ok(slot) => match node.tls.clone() {
+                        None => {
+                            node.tracker
+                                .spawn(serve_http(stream, peer, node.clone(), slot));
+                        }
+                        Some(tls) => {
+                            let node = node.clone();
+                            node.tracker.clone().spawn(async move {
+                                // A failed handshake is counted by reason; the
+                                // connection simply closes.
+                                if let Ok(stream) = tls.accept(stream).await {
+                                    serve_http(stream, peer, node, slot).await;
+                                }
+                            });
+                        }
+                    },
                     Err(_) => refuse_http(stream, &node),
                 }
             }
@@ -87,12 +99,14 @@ impl HttpActivity {
     }
 }
 
-async fn serve_http(
-    stream: TcpStream,
+async fn serve_http<S>(
+    stream: S,
     peer: SocketAddr,
     node: Node,
     _slot: tokio::sync::OwnedSemaphorePermit,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())

@@ -463,7 +463,13 @@ def schema_config_keys() -> set[str]:
     for section, spec in schema["properties"]["config"]["properties"].items():
         if section == "channels":
             continue
-        keys |= {f"{section}.{key}" for key in spec["properties"]}
+        for key, value in spec["properties"].items():
+            # One level of nested tables, such as server.tls.
+            nested = value.get("properties") if value.get("type") == "object" else None
+            if nested:
+                keys |= {f"{section}.{key}.{inner}" for inner in nested}
+            else:
+                keys.add(f"{section}.{key}")
     return keys
 
 
@@ -543,6 +549,9 @@ def test_tls_secret_is_a_directory_mount() -> None:
         "cert_file": "/etc/herald/tls/tls.crt",
         "key_file": "/etc/herald/tls/tls.key",
         "client_ca_file": "/etc/herald/tls/ca.crt",
+        "handshake_timeout": "10s",
+        "max_handshakes": 1024,
+        "reload_interval": "10s",
     }
     assert out.one("ServiceMonitor")["spec"]["endpoints"][0]["scheme"] == "https"
     assert "tls" not in support.rendered(ci("default")).herald_toml["server"]
@@ -651,7 +660,9 @@ def test_test_pod_checks_readyz_through_the_service() -> None:
     assert not selector.items() <= pod["metadata"]["labels"].items(), \
         "the Deployment's selector (and the Service) must not match the test pod"
     tls = support.rendered(ci("tls")).one("Pod")["spec"]["containers"][0]
-    assert tls["args"][-1].startswith("https://")
+    assert tls["args"][2].startswith("https://")
+    # Like the kubelet's HTTPS probes, the test checks readiness, not identity.
+    assert tls["args"][3:] == ["--insecure"]
 
 
 # ---- monitoring objects ------------------------------------------------------------------

@@ -151,21 +151,7 @@ def self_signed_certificate(directory: Path) -> None:
     shutil.copy(directory / "tls.crt", directory / "ca.crt")
 
 
-# herald's own TLS (server.tls.*) is not built yet: the chart renders it, and
-# herald refuses the keys. Strict, so this fails as soon as herald accepts them.
-RENDERED_CONFIGURATIONS = [
-    pytest.param(
-        path,
-        id=name,
-        marks=pytest.mark.xfail(strict=True, reason="herald has no server.tls keys yet")
-        if name == "tls"
-        else (),
-    )
-    for path, name in zip(CI_VALUES, CI_IDS)
-]
-
-
-@pytest.mark.parametrize("values_file", RENDERED_CONFIGURATIONS)
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=CI_IDS)
 def test_herald_accepts_the_rendered_configuration(values_file: Path, tmp_path: Path) -> None:
     """`herald check-config` on the rendered herald.toml, with the rendered
     environment (secrets from the chart's Secret, or stand-ins for an

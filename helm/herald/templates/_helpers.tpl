@@ -178,11 +178,15 @@ herald's configuration: the `config` values plus what the chart manages
 {{- $server := default dict $config.server }}
 {{- $_ := set $server "listen" (printf "%s:%d" .Values.listenHost (int .Values.containerPort)) }}
 {{- if .Values.tls.enabled }}
-{{- $tls := dict "cert_file" (printf "%s/tls/tls.crt" $dir) "key_file" (printf "%s/tls/tls.key" $dir) }}
+{{- $tls := default dict $server.tls }}
+{{- $_ := set $tls "cert_file" (printf "%s/tls/tls.crt" $dir) }}
+{{- $_ := set $tls "key_file" (printf "%s/tls/tls.key" $dir) }}
 {{- if .Values.tls.clientAuth }}
 {{- $_ := set $tls "client_ca_file" (printf "%s/tls/ca.crt" $dir) }}
 {{- end }}
 {{- $_ := set $server "tls" $tls }}
+{{- else }}
+{{- $_ := unset $server "tls" }}
 {{- end }}
 {{- $_ := set $config "server" $server }}
 {{- if include "herald.usesPublicKey" . }}
