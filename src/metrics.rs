@@ -16,7 +16,7 @@ use crate::config::SlowPolicy;
 use crate::protocol::{CloseCode, ErrorCode};
 
 /// Every `reason` of `herald_connections_rejected_total`.
-const REJECTION_REASONS: [&str; 8] = [
+const REJECTION_REASONS: [&str; 9] = [
     "bad_handshake",
     "draining",
     "forbidden_origin",
@@ -25,6 +25,7 @@ const REJECTION_REASONS: [&str; 8] = [
     "connection_rate",
     "connection_rate_per_ip",
     "unauthorized",
+    "client_certificate_required",
 ];
 
 /// Every `reason` of `herald_http_connection_errors_total`.

@@ -45,8 +45,12 @@ pub(crate) async fn accept_loop(listener: TcpListener, node: Node) {
                 match node.http_slots.clone().try_acquire_owned() {
                     Ok(slot) => match node.tls.clone() {
                         None => {
+                            let client = Client {
+                                peer,
+                                certificate_missing: false,
+                            };
                             node.tracker
-                                .spawn(serve_http(stream, peer, node.clone(), slot));
+                                .spawn(serve_http(stream, client, node.clone(), slot));
                         }
                         Some(tls) => {
                             let node = node.clone();
@@ -54,7 +58,14 @@ pub(crate) async fn accept_loop(listener: TcpListener, node: Node) {
                                 // A failed handshake is counted by reason; the
                                 // connection simply closes.
                                 if let Ok(stream) = tls.accept(stream).await {
-                                    serve_http(stream, peer, node, slot).await;
+                                    let identified =
+                                        stream.get_ref().1.peer_certificates().is_some();
+                                    let client = Client {
+                                        peer,
+                                        certificate_missing: tls.requires_client_certificates()
+                                            && !identified,
+                                    };
+                                    serve_http(stream, client, node, slot).await;
                                 }
                             });
                         }
@@ -99,9 +110,18 @@ impl HttpActivity {
     }
 }
 
+/// Who is on the other end of an HTTP connection.
+#[derive(Clone, Copy)]
+struct Client {
+    peer: SocketAddr,
+    /// `server.tls.client_ca_file` is set and the client presented no
+    /// certificate: only the health and metrics endpoints answer it.
+    certificate_missing: bool,
+}
+
 async fn serve_http<S>(
     stream: S,
-    peer: SocketAddr,
+    client: Client,
     node: Node,
     _slot: tokio::sync::OwnedSemaphorePermit,
 ) where
@@ -124,7 +144,7 @@ async fn serve_http<S>(
         let activity = service_activity.clone();
         activity.in_flight.fetch_add(1, Ordering::SeqCst);
         async move {
-            let response = route(request, node, peer).await;
+            let response = route(request, node, client).await;
             let ended = activity.since.elapsed().as_millis() as u64;
             activity.last_ms.store(ended, Ordering::SeqCst);
             activity.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -152,7 +172,7 @@ async fn serve_http<S>(
                     "io"
                 };
                 node.metrics.http_connection_error(reason);
-                debug!(%error, %peer, reason, "http connection ended");
+                debug!(%error, peer = %client.peer, reason, "http connection ended");
                 }
                 return;
             }
@@ -178,7 +198,23 @@ async fn serve_http<S>(
 }
 
 /// Dispatches one request. The query string is never logged: it may hold a token.
-async fn route(request: Request<Incoming>, node: Node, peer: SocketAddr) -> Response<Body> {
+async fn route(request: Request<Incoming>, node: Node, client: Client) -> Response<Body> {
+    let peer = client.peer;
+    let path = request.uri().path();
+    if client.certificate_missing && !matches!(path, "/healthz" | "/readyz" | "/metrics") {
+        let response = http::error(
+            StatusCode::FORBIDDEN,
+            "client_certificate_required",
+            "this node requires a client certificate (server.tls.client_ca_file)",
+        );
+        if path == "/ws" {
+            node.metrics
+                .connection_rejected("client_certificate_required");
+        }
+        node.metrics
+            .http_request("other", response.status().as_u16());
+        return response;
+    }
     let (name, response) = match (request.method(), request.uri().path()) {
         (&Method::GET, "/ws") => ("ws", websocket(request, &node, peer)),
         (&Method::POST, "/api/publish") => ("publish", publish(request, &node).await),

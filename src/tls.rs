@@ -116,6 +116,12 @@ impl Tls {
         })
     }
 
+    /// Whether clients must present a certificate (`server.tls.client_ca_file`)
+    /// for everything but the health and metrics endpoints.
+    pub fn requires_client_certificates(&self) -> bool {
+        self.config.client_ca_file.is_some()
+    }
+
     /// Completes the TLS handshake on `stream`, within the bounds.
     pub async fn accept(
         &self,
@@ -220,7 +226,12 @@ fn load(config: &TlsConfig) -> Result<(rustls::ServerConfig, [u8; 32]), ConfigEr
                     ConfigError::invalid("server.tls.client_ca_file", e.to_string())
                 })?;
             }
+            // A certificate that is presented must be valid; one that is not
+            // presented is refused per request, so that the kubelet's probes
+            // and Prometheus (which present none) still reach /healthz,
+            // /readyz and /metrics.
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
                 .build()
                 .map_err(|e| ConfigError::invalid("server.tls.client_ca_file", e.to_string()))?;
             builder.with_client_cert_verifier(verifier)

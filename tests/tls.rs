@@ -350,11 +350,44 @@ async fn client_certificates_are_required_with_a_client_ca() {
     tls.client_ca_file = Some(ca_file);
     let node = TestNode::start_with(|c| c.server.tls = Some(tls)).await;
 
-    // Without a certificate the handshake fails (TLS 1.3 reports it on the
-    // first read).
+    // Without a certificate only the probes and the metrics answer: the
+    // kubelet and Prometheus present none.
     let anonymous = client_config(&[&server.ca_pem], None);
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(
+            https(&node, anonymous.clone(), "GET", path, String::new())
+                .await
+                .0,
+            200
+        );
+    }
+    let (status, body) = https(
+        &node,
+        anonymous.clone(),
+        "POST",
+        "/api/publish",
+        "{}".into(),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("client_certificate_required"), "{body}");
+    let url = format!("wss://localhost/ws?token={}", token("alice", &["*"]));
+    let stream = tls_connect(&node, anonymous.clone()).await.unwrap();
+    match tokio_tungstenite::client_async(url, stream).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 403)
+        }
+        other => panic!(
+            "upgraded without a client certificate: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    // A certificate from another CA fails the handshake itself (TLS 1.3
+    // reports it on the first read).
+    let stranger = issue(&["mallory"]);
     let refused = async {
-        let mut stream = tls_connect(&node, anonymous).await?;
+        let config = client_config(&[&server.ca_pem], Some(&stranger));
+        let mut stream = tls_connect(&node, config).await?;
         stream
             .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
             .await?;
@@ -365,7 +398,10 @@ async fn client_certificates_are_required_with_a_client_ca() {
         }
     }
     .await;
-    assert!(refused.is_err(), "served without a client certificate");
+    assert!(
+        refused.is_err(),
+        "served a certificate from an untrusted CA"
+    );
 
     let identified = client_config(&[&server.ca_pem], Some(&client));
     assert_eq!(
