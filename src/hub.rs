@@ -1,9 +1,13 @@
 //! The hub: which local connections subscribe to which channel, and fan-out.
 //!
 //! The map is sharded by channel name so that subscribes on different channels
-//! and deliveries rarely meet on one lock. Each shard is a `std::sync::RwLock`:
-//! deliveries take it shared and only push into outboxes (never block, never
-//! `.await`); subscribe and unsubscribe take it exclusively for a map update.
+//! and deliveries rarely meet on one lock. Each shard is a `std::sync::RwLock`
+//! held only for map operations: a delivery takes it shared just long enough
+//! to clone the channel's subscriber list (an `Arc`, one atomic increment),
+//! then pushes into the outboxes without it, so a 10k-subscriber fan-out never
+//! makes a subscribe on the same shard wait. Subscribe and unsubscribe take it
+//! exclusively; they change the list in place unless a delivery holds it at
+//! that moment, in which case they copy it (copy-on-write).
 //!
 //! A delivery is encoded into its frame once, then every subscriber's outbox
 //! gets a reference to the same [`Bytes`].
@@ -61,11 +65,16 @@ struct Shared {
 
 struct ChannelEntry {
     policy: DeliveryPolicy,
-    subscribers: HashMap<ConnectionId, Subscriber>,
+    /// The subscribers, shared with the deliveries in progress.
+    subscribers: Arc<Vec<Subscriber>>,
+    /// Each connection's index in `subscribers`, for O(1) removal.
+    positions: HashMap<ConnectionId, usize>,
 }
 
 /// One connection's subscription to a channel.
+#[derive(Clone)]
 struct Subscriber {
+    connection: ConnectionId,
     outbox: Arc<Outbox>,
     /// This subscription's key in the connection's outbox.
     key: ChannelKey,
@@ -153,7 +162,8 @@ impl Hub {
                 let name: Arc<str> = channel.into();
                 let entry = ChannelEntry {
                     policy: self.policy_for(channel),
-                    subscribers: HashMap::new(),
+                    subscribers: Arc::new(Vec::new()),
+                    positions: HashMap::new(),
                 };
                 self.shared.metrics.channels_changed(1);
                 self.mark_dirty(&name);
@@ -161,17 +171,22 @@ impl Hub {
                 (name, entry)
             }
         };
-        let subscriber = entry.subscribers.entry(connection).or_insert_with(|| {
-            self.shared.metrics.subscriptions_changed(1);
-            Subscriber {
-                outbox: outbox.clone(),
-                key: self.shared.next_key.fetch_add(1, Ordering::Relaxed),
+        let key = match entry.positions.get(&connection) {
+            Some(&index) => entry.subscribers[index].key,
+            None => {
+                self.shared.metrics.subscriptions_changed(1);
+                let key = self.shared.next_key.fetch_add(1, Ordering::Relaxed);
+                let subscribers = Arc::make_mut(&mut entry.subscribers);
+                entry.positions.insert(connection, subscribers.len());
+                subscribers.push(Subscriber {
+                    connection,
+                    outbox: outbox.clone(),
+                    key,
+                });
+                key
             }
-        });
-        Subscribed {
-            channel: name,
-            key: subscriber.key,
-        }
+        };
+        Subscribed { channel: name, key }
     }
 
     /// Removes a subscriber; the channel goes when its last subscriber does.
@@ -180,8 +195,13 @@ impl Hub {
         let Some(entry) = shard.get_mut(channel) else {
             return;
         };
-        if entry.subscribers.remove(&connection).is_some() {
+        if let Some(index) = entry.positions.remove(&connection) {
             self.shared.metrics.subscriptions_changed(-1);
+            let subscribers = Arc::make_mut(&mut entry.subscribers);
+            subscribers.swap_remove(index);
+            if let Some(moved) = subscribers.get(index) {
+                entry.positions.insert(moved.connection, index);
+            }
         }
         if entry.subscribers.is_empty() {
             if let Some((name, _)) = shard.remove_entry(channel) {
@@ -195,23 +215,26 @@ impl Hub {
     /// Encodes once, never waits on a connection. Returns the subscriber count.
     pub fn deliver(&self, channel: &str, payload: &[u8]) -> usize {
         self.shared.metrics.message_received();
-        let shard = read(self.shard(channel));
-        let Some(entry) = shard.get(channel) else {
-            return 0;
+        let (subscribers, policy) = {
+            let shard = read(self.shard(channel));
+            let Some(entry) = shard.get(channel) else {
+                return 0;
+            };
+            (entry.subscribers.clone(), entry.policy)
         };
         if payload.len() > self.shared.max_publish_bytes {
             self.shared
                 .metrics
-                .message_dropped("too_large", Some(entry.policy.slow));
+                .message_dropped("too_large", Some(policy.slow));
             return 0;
         }
         let frame: Bytes = protocol::encode_message(channel, payload);
-        for subscriber in entry.subscribers.values() {
+        for subscriber in subscribers.iter() {
             subscriber
                 .outbox
-                .push_message(&frame, subscriber.key, &entry.policy);
+                .push_message(&frame, subscriber.key, &policy);
         }
-        entry.subscribers.len()
+        subscribers.len()
     }
 
     /// Tells every local subscriber of `channels` that messages may have been
@@ -222,9 +245,9 @@ impl Hub {
         for channel in channels {
             let shard = read(self.shard(channel));
             if let Some(entry) = shard.get(&**channel) {
-                for (connection, subscriber) in &entry.subscribers {
+                for subscriber in entry.subscribers.iter() {
                     affected
-                        .entry(*connection)
+                        .entry(subscriber.connection)
                         .or_insert_with(|| (subscriber.outbox.clone(), Vec::new()))
                         .1
                         .push(channel.to_string());
@@ -376,5 +399,34 @@ mod tests {
         assert!(frames[3].contains("\"data\":2"), "{frames:?}");
         // A repeated subscribe keeps its key.
         assert_eq!(hub.subscribe(1, &a, "prices.X").key, second.key);
+    }
+
+    #[test]
+    fn removal_keeps_every_other_subscriber_reachable() {
+        let hub = Hub::new(&Config::default(), Metrics::new("test"), false);
+        let outboxes: Vec<Arc<Outbox>> = (0..100).map(|_| outbox()).collect();
+        for (id, outbox) in outboxes.iter().enumerate() {
+            hub.subscribe(id as ConnectionId, outbox, "news");
+        }
+        // A delivery in flight holds the list while connections leave.
+        let held = read(hub.shard("news"))
+            .get("news")
+            .unwrap()
+            .subscribers
+            .clone();
+        for id in (0..100).rev().filter(|id| id % 3 != 0) {
+            hub.unsubscribe(id as ConnectionId, "news");
+        }
+        assert_eq!(held.len(), 100, "the held list is not changed under it");
+        drop(held);
+        hub.unsubscribe(1, "news");
+        hub.subscribe(1, &outboxes[1], "news");
+        assert_eq!(hub.deliver("news", b"1"), 35);
+        for (id, outbox) in outboxes.iter().enumerate() {
+            let mut frames = Vec::new();
+            outbox.drain(&mut frames, usize::MAX, tokio::time::Instant::now());
+            let expected = id % 3 == 0 || id == 1;
+            assert_eq!(frames.len(), usize::from(expected), "connection {id}");
+        }
     }
 }

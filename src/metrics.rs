@@ -28,6 +28,10 @@ const REJECTION_REASONS: [&str; 9] = [
     "client_certificate_required",
 ];
 
+/// The `reason` and `policy` values of `herald_messages_dropped_total`.
+const DROP_REASONS: [&str; 4] = ["queue_full", "conflated", "rate_limited", "too_large"];
+const DROP_POLICIES: [&str; 4] = ["disconnect", "drop_oldest", "conflate", "none"];
+
 /// Every `reason` of `herald_http_connection_errors_total`.
 const HTTP_CONNECTION_ERRORS: [&str; 6] = [
     "header_timeout",
@@ -56,6 +60,8 @@ struct Inner {
     messages_received: IntCounter,
     frames_delivered: IntCounter,
     messages_dropped: IntCounterVec,
+    /// `messages_dropped` resolved for every reason and policy.
+    drops: [[IntCounter; 4]; 4],
     auth_failures: IntCounterVec,
     client_errors: IntCounterVec,
     http_requests: IntCounterVec,
@@ -113,6 +119,12 @@ impl Metrics {
         )
         .expect("valid registry");
         let r = &registry;
+        let messages_dropped = counter_vec(
+            r,
+            "messages_dropped_total",
+            "Messages not delivered to a subscriber, by reason and channel policy.",
+            &["reason", "policy"],
+        );
         let inner = Inner {
             connections_open: gauge(r, "connections_open", "Open WebSocket connections."),
             connections_accepted: counter(
@@ -157,12 +169,13 @@ impl Metrics {
                 "frames_delivered_total",
                 "Message frames written to client sockets.",
             ),
-            messages_dropped: counter_vec(
-                r,
-                "messages_dropped_total",
-                "Messages not delivered to a subscriber, by reason and channel policy.",
-                &["reason", "policy"],
-            ),
+            drops: std::array::from_fn(|reason| {
+                std::array::from_fn(|policy| {
+                    messages_dropped
+                        .with_label_values(&[DROP_REASONS[reason], DROP_POLICIES[policy]])
+                })
+            }),
+            messages_dropped,
             auth_failures: counter_vec(
                 r,
                 "auth_failures_total",
@@ -287,11 +300,6 @@ impl Metrics {
         for reason in REJECTION_REASONS {
             inner.connections_rejected.with_label_values(&[reason]);
         }
-        for reason in ["queue_full", "conflated", "rate_limited", "too_large"] {
-            for policy in ["disconnect", "drop_oldest", "conflate"] {
-                inner.messages_dropped.with_label_values(&[reason, policy]);
-            }
-        }
         for code in AuthError::CODES {
             inner.auth_failures.with_label_values(&[code]);
         }
@@ -369,16 +377,22 @@ impl Metrics {
     /// `conflated` or `rate_limited` (counted per subscriber), or `too_large`
     /// (counted once per message).
     pub fn message_dropped(&self, reason: &str, policy: Option<SlowPolicy>) {
-        let policy = match policy {
-            None => "none",
-            Some(SlowPolicy::Disconnect) => "disconnect",
-            Some(SlowPolicy::DropOldest) => "drop_oldest",
-            Some(SlowPolicy::Conflate) => "conflate",
+        let policy_index = match policy {
+            Some(SlowPolicy::Disconnect) => 0,
+            Some(SlowPolicy::DropOldest) => 1,
+            Some(SlowPolicy::Conflate) => 2,
+            None => 3,
         };
-        self.inner
-            .messages_dropped
-            .with_label_values(&[reason, policy])
-            .inc();
+        // The fan-out path drops per subscriber: the counters are resolved
+        // once, at startup, instead of a label lookup per drop.
+        match DROP_REASONS.iter().position(|known| *known == reason) {
+            Some(reason_index) => self.inner.drops[reason_index][policy_index].inc(),
+            None => self
+                .inner
+                .messages_dropped
+                .with_label_values(&[reason, DROP_POLICIES[policy_index]])
+                .inc(),
+        }
     }
 
     pub fn client_error(&self, code: ErrorCode) {

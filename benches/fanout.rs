@@ -1,0 +1,147 @@
+//! Micro-benchmarks of the fan-out path: encoding, outbox push and drain, and
+//! hub delivery to 1, 1,000 and 10,000 subscribers, plus how long a subscribe
+//! waits while a 10,000-subscriber delivery runs on another thread. They guide
+//! the work; BENCHMARKS.md's end-to-end figures judge it.
+//!
+//! `cargo bench --bench fanout`
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use herald::config::{Config, SlowPolicy};
+use herald::hub::Hub;
+use herald::metrics::Metrics;
+use herald::outbox::{DeliveryPolicy, Outbox, QueueLimits};
+
+const PAYLOAD: &[u8] = br#"{"symbol":"AAPL","price":187.21,"volume":1200,"ts":1700000000123}"#;
+
+fn outbox() -> Arc<Outbox> {
+    Arc::new(Outbox::new(
+        QueueLimits {
+            messages: 1 << 20,
+            bytes: 1 << 30,
+        },
+        u64::MAX,
+        Metrics::new("bench"),
+    ))
+}
+
+fn encode(c: &mut Criterion) {
+    c.bench_function("encode_message", |b| {
+        b.iter(|| herald::protocol::encode_message("prices.AAPL", std::hint::black_box(PAYLOAD)))
+    });
+}
+
+fn outbox_push_and_drain(c: &mut Criterion) {
+    let outbox = outbox();
+    let frame = herald::protocol::encode_message("prices.AAPL", PAYLOAD);
+    let policy = DeliveryPolicy::default();
+    let mut frames = Vec::new();
+    c.bench_function("outbox_push_64_then_drain", |b| {
+        b.iter(|| {
+            for _ in 0..64 {
+                outbox.push_message(&frame, 1, &policy);
+            }
+            frames.clear();
+            outbox.drain(&mut frames, usize::MAX, tokio::time::Instant::now());
+        })
+    });
+    let conflate = DeliveryPolicy {
+        slow: SlowPolicy::Conflate,
+        min_interval: None,
+    };
+    c.bench_function("outbox_conflate_into_64_channels", |b| {
+        b.iter(|| {
+            for channel in 0..64 {
+                outbox.push_message(&frame, channel, &conflate);
+                outbox.push_message(&frame, channel, &conflate);
+            }
+            frames.clear();
+            outbox.drain(&mut frames, usize::MAX, tokio::time::Instant::now());
+        })
+    });
+}
+
+fn hub_deliver(c: &mut Criterion) {
+    let mut group = c.benchmark_group("hub_deliver");
+    for subscribers in [1usize, 1_000, 10_000] {
+        let hub = Hub::new(&Config::default(), Metrics::new("bench"), false);
+        let outboxes: Vec<Arc<Outbox>> = (0..subscribers).map(|_| outbox()).collect();
+        for (id, outbox) in outboxes.iter().enumerate() {
+            hub.subscribe(id as u64, outbox, "prices.AAPL");
+        }
+        group.bench_with_input(
+            BenchmarkId::from_parameter(subscribers),
+            &subscribers,
+            |b, _| {
+                b.iter_custom(|iterations| {
+                    let mut spent = Duration::ZERO;
+                    let mut frames = Vec::new();
+                    for done in 0..iterations {
+                        let started = Instant::now();
+                        hub.deliver("prices.AAPL", PAYLOAD);
+                        spent += started.elapsed();
+                        if done % 64 == 63 {
+                            for outbox in &outboxes {
+                                frames.clear();
+                                outbox.drain(&mut frames, usize::MAX, tokio::time::Instant::now());
+                            }
+                        }
+                    }
+                    spent
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+/// A subscribe to, and unsubscribe from, a channel while 10,000-subscriber
+/// deliveries to that same channel run back to back on another thread.
+fn subscribe_during_fanout(c: &mut Criterion) {
+    let hub = Hub::new(&Config::default(), Metrics::new("bench"), false);
+    let outboxes: Vec<Arc<Outbox>> = (0..10_000).map(|_| outbox()).collect();
+    for (id, outbox) in outboxes.iter().enumerate() {
+        hub.subscribe(id as u64, outbox, "busy");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let fanout = {
+        let hub = hub.clone();
+        let stop = stop.clone();
+        let outboxes = outboxes.clone();
+        std::thread::spawn(move || {
+            let mut frames = Vec::new();
+            let mut round = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                hub.deliver("busy", PAYLOAD);
+                round += 1;
+                if round % 32 == 0 {
+                    for outbox in &outboxes {
+                        frames.clear();
+                        outbox.drain(&mut frames, usize::MAX, tokio::time::Instant::now());
+                    }
+                }
+            }
+        })
+    };
+    let newcomer = outbox();
+    let mut id = 1_000_000u64;
+    c.bench_function("subscribe_during_10k_fanout", |b| {
+        b.iter(|| {
+            id += 1;
+            hub.subscribe(id, &newcomer, "busy");
+            hub.unsubscribe(id, "busy");
+        })
+    });
+    stop.store(true, Ordering::Relaxed);
+    fanout.join().unwrap();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = encode, outbox_push_and_drain, hub_deliver, subscribe_during_fanout
+}
+criterion_main!(benches);
