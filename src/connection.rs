@@ -546,8 +546,13 @@ where
         if let Some(payload) = &drained.pong {
             protocol::write_frame(&mut buffer, Opcode::Pong, payload);
         }
+        let opcode = if drained.binary {
+            Opcode::Binary
+        } else {
+            Opcode::Text
+        };
         for frame in frames.drain(..) {
-            protocol::write_frame(&mut buffer, Opcode::Text, &frame);
+            protocol::write_frame(&mut buffer, opcode, &frame);
         }
         let reason = drained.closing.as_ref().map(|closing| match closing {
             Closing::Code(code) => {

@@ -67,6 +67,9 @@ pub enum Closing {
 /// What the writer takes out of the outbox in one go.
 #[derive(Debug, Default)]
 pub struct Drained {
+    /// The drained frames are binary messages (only echo sessions queue
+    /// them); otherwise text. One drain never mixes the two.
+    pub binary: bool,
     /// The latest unanswered client ping's payload.
     pub pong: Option<Bytes>,
     /// Set when the queue is empty and the connection is closing: send this, then stop.
@@ -107,8 +110,20 @@ struct State {
 
 struct Entry {
     frame: Bytes,
-    /// `None` for replies, which are never dropped or conflated.
-    channel: Option<(ChannelKey, SlowPolicy)>,
+    kind: Kind,
+}
+
+/// What an entry is. The tag lives in `SlowPolicy`'s spare values, so an
+/// entry is a `Bytes` and 16 bytes whichever the kind (see the size test).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A reply or another protocol frame, sent as text; never dropped or conflated.
+    Reply,
+    /// A reply sent as a binary frame: the echo of a binary message (echo
+    /// sessions only, the `test-echo` feature). Treated like a reply.
+    BinaryReply,
+    /// A channel message, under its channel's slow-consumer policy.
+    Message(ChannelKey, SlowPolicy),
 }
 
 struct RateSlot {
@@ -194,7 +209,7 @@ impl Outbox {
                 .queue
                 .iter_mut()
                 .rev()
-                .find(|entry| matches!(entry.channel, Some((key, _)) if key == channel));
+                .find(|entry| matches!(entry.kind, Kind::Message(key, _) if key == channel));
             if let Some(entry) = pending {
                 state.bytes = state.bytes - entry.frame.len() + len;
                 entry.frame = frame;
@@ -211,7 +226,7 @@ impl Outbox {
                 SlowPolicy::DropOldest => {
                     while self.is_full(state, len) {
                         let oldest = state.queue.iter().position(|entry| {
-                            matches!(entry.channel, Some((_, SlowPolicy::DropOldest)))
+                            matches!(entry.kind, Kind::Message(_, SlowPolicy::DropOldest))
                         });
                         self.metrics.message_dropped("queue_full", Some(slow));
                         match oldest.and_then(|index| state.queue.remove(index)) {
@@ -230,7 +245,7 @@ impl Outbox {
             state,
             Entry {
                 frame,
-                channel: Some((channel, slow)),
+                kind: Kind::Message(channel, slow),
             },
         );
     }
@@ -238,6 +253,16 @@ impl Outbox {
     /// Queues a reply or another protocol frame. Replies are never dropped: a
     /// client whose queue is full is closed as a slow consumer instead.
     pub fn push_reply(&self, frame: Bytes) {
+        self.push_unconflated(frame, Kind::Reply);
+    }
+
+    /// Queues a reply to be sent as a binary frame, like [`Outbox::push_reply`].
+    /// Only echo sessions (the `test-echo` feature) send binary frames.
+    pub fn push_binary_reply(&self, frame: Bytes) {
+        self.push_unconflated(frame, Kind::BinaryReply);
+    }
+
+    fn push_unconflated(&self, frame: Bytes, kind: Kind) {
         let mut state = self.lock();
         if state.closing.is_some() {
             return;
@@ -246,13 +271,7 @@ impl Outbox {
             self.fail(&mut state, CloseCode::SlowConsumer);
             return;
         }
-        self.append(
-            &mut state,
-            Entry {
-                frame,
-                channel: None,
-            },
-        );
+        self.append(&mut state, Entry { frame, kind });
     }
 
     fn is_full(&self, state: &State, len: usize) -> bool {
@@ -349,8 +368,9 @@ impl Outbox {
     }
 
     /// Releases rate-limited messages that are due at `now`, then takes queued
-    /// frames, oldest first, until `max_bytes` is reached. One lock per call:
-    /// this is the writer's whole view of the outbox.
+    /// frames, oldest first, until `max_bytes` is reached or the next frame's
+    /// opcode differs (text and binary frames go out in separate drains). One
+    /// lock per call: this is the writer's whole view of the outbox.
     pub fn drain(&self, frames: &mut Vec<Bytes>, max_bytes: usize, now: Instant) -> Drained {
         let mut state = self.lock();
         let next_release = self.release_due(&mut state, now);
@@ -360,14 +380,21 @@ impl Outbox {
             ..Drained::default()
         };
         let mut taken = 0;
+        let first = frames.len();
         while let Some(entry) = state.queue.front() {
+            let binary = entry.kind == Kind::BinaryReply;
+            if frames.len() == first {
+                drained.binary = binary;
+            } else if binary != drained.binary {
+                break;
+            }
             if taken > 0 && taken + entry.frame.len() > max_bytes {
                 break;
             }
             let entry = state.queue.pop_front().expect("front exists");
             taken += entry.frame.len();
             state.bytes -= entry.frame.len();
-            if entry.channel.is_some() {
+            if matches!(entry.kind, Kind::Message(..)) {
                 drained.messages += 1;
             }
             frames.push(entry.frame);
@@ -515,6 +542,43 @@ mod tests {
         assert_eq!(
             drained.closing,
             Some(Closing::Code(CloseCode::SlowConsumer))
+        );
+    }
+
+    #[test]
+    fn an_entry_costs_the_same_whatever_its_kind() {
+        // A `Bytes` (32) and the kind (16): the binary kind added nothing.
+        assert_eq!(std::mem::size_of::<Entry>(), 48);
+    }
+
+    #[test]
+    fn text_and_binary_frames_are_drained_in_separate_runs() {
+        let outbox = outbox(10, 1 << 20);
+        outbox.push_reply(Bytes::from_static(b"t1"));
+        outbox.push_reply(Bytes::from_static(b""));
+        outbox.push_binary_reply(Bytes::from_static(b"b1"));
+        outbox.push_binary_reply(Bytes::from_static(b"b2"));
+        outbox.push_reply(Bytes::from_static(b"t2"));
+        outbox.close(CloseCode::GoingAway);
+        let mut runs = Vec::new();
+        loop {
+            let (frames, drained) = drain_all(&outbox);
+            runs.push((drained.binary, frames));
+            if !drained.more {
+                assert_eq!(drained.closing, Some(Closing::Code(CloseCode::GoingAway)));
+                break;
+            }
+        }
+        assert_eq!(
+            runs,
+            [
+                (false, vec![Bytes::from_static(b"t1"), Bytes::new()]),
+                (
+                    true,
+                    vec![Bytes::from_static(b"b1"), Bytes::from_static(b"b2")]
+                ),
+                (false, vec![Bytes::from_static(b"t2")]),
+            ]
         );
     }
 
