@@ -592,7 +592,7 @@ where
             outbox.close(CloseCode::TokenExpired);
         }
         let drained = outbox.drain(&mut frames, MAX_BATCH_BYTES, now);
-        if let Some(payload) = &drained.pong {
+        for payload in &drained.pongs {
             protocol::write_frame(&mut buffer, Opcode::Pong, payload);
         }
         let opcode = if drained.binary {

@@ -70,8 +70,8 @@ pub struct Drained {
     /// The drained frames are binary messages (only echo sessions queue
     /// them); otherwise text. One drain never mixes the two.
     pub binary: bool,
-    /// The latest unanswered client ping's payload.
-    pub pong: Option<Bytes>,
+    /// Unanswered client pings' payloads, oldest first: one pong each.
+    pub pongs: VecDeque<Bytes>,
     /// Set when the queue is empty and the connection is closing: send this, then stop.
     pub closing: Option<Closing>,
     /// How many of the drained frames are channel messages (not replies).
@@ -102,7 +102,9 @@ struct State {
     queue: VecDeque<Entry>,
     /// Sum of the frame lengths in `queue`.
     bytes: usize,
-    pong: Option<Bytes>,
+    /// Payloads of unanswered client pings, at most [`MAX_PENDING_PONGS`] of
+    /// 125 bytes; no allocation while there are none.
+    pongs: VecDeque<Bytes>,
     closing: Option<Closing>,
     /// Rate-limited channels' last delivery time and newest held message.
     rated: Vec<RateSlot>,
@@ -134,6 +136,10 @@ struct RateSlot {
     held: Option<Bytes>,
 }
 
+/// Unanswered client pings answered one by one; beyond this many only the
+/// latest are. Pings also take request tokens (`limits.requests_per_second`).
+pub const MAX_PENDING_PONGS: usize = 16;
+
 /// Entries kept allocated in an idle queue; a larger buffer is freed once drained.
 const IDLE_QUEUE_CAPACITY: usize = 8;
 
@@ -143,7 +149,7 @@ impl Outbox {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 bytes: 0,
-                pong: None,
+                pongs: VecDeque::new(),
                 closing: None,
                 rated: Vec::new(),
             }),
@@ -326,10 +332,15 @@ impl Outbox {
         self.notify.notify_one();
     }
 
-    /// Answers a client ping; only the latest unanswered one (RFC 6455 5.5.3).
+    /// Answers a client ping. Pongs go out ahead of queued frames, one per
+    /// ping, up to [`MAX_PENDING_PONGS`] unanswered pings; beyond that the
+    /// oldest go unanswered (RFC 6455 5.5.3 allows answering only the latest).
     pub fn pong(&self, payload: Bytes) {
         let mut state = self.lock();
-        state.pong = Some(payload);
+        if state.pongs.len() == MAX_PENDING_PONGS {
+            state.pongs.pop_front();
+        }
+        state.pongs.push_back(payload);
         drop(state);
         self.notify.notify_one();
     }
@@ -375,7 +386,7 @@ impl Outbox {
         let mut state = self.lock();
         let next_release = self.release_due(&mut state, now);
         let mut drained = Drained {
-            pong: state.pong.take(),
+            pongs: std::mem::take(&mut state.pongs),
             next_release,
             ..Drained::default()
         };
@@ -414,7 +425,7 @@ impl Outbox {
     #[cfg(test)]
     fn has_pending(&self) -> bool {
         let state = self.lock();
-        !state.queue.is_empty() || state.pong.is_some()
+        !state.queue.is_empty() || !state.pongs.is_empty()
     }
 
     /// Waits until something is pushed. Cancel-safe: a wake-up that arrives
@@ -580,6 +591,26 @@ mod tests {
                 (false, vec![Bytes::from_static(b"t2")]),
             ]
         );
+    }
+
+    #[test]
+    fn every_ping_is_answered_up_to_a_bound() {
+        let outbox = outbox(10, 1 << 20);
+        for i in 0..10 {
+            outbox.pong(Bytes::from(format!("p{i}")));
+        }
+        let (_, drained) = drain_all(&outbox);
+        let expected: Vec<Bytes> = (0..10).map(|i| Bytes::from(format!("p{i}"))).collect();
+        assert_eq!(drained.pongs, expected);
+        for i in 0..MAX_PENDING_PONGS + 5 {
+            outbox.pong(Bytes::from(format!("q{i}")));
+        }
+        let (_, drained) = drain_all(&outbox);
+        let newest: Vec<Bytes> = (5..MAX_PENDING_PONGS + 5)
+            .map(|i| Bytes::from(format!("q{i}")))
+            .collect();
+        assert_eq!(drained.pongs, newest);
+        assert!(!outbox.has_pending());
     }
 
     #[test]
