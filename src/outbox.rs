@@ -305,14 +305,34 @@ impl Outbox {
         self.notify.notify_one();
     }
 
-    /// Starts closing with `code`. On shutdown and token expiry what is already
-    /// queued is flushed first; otherwise it is discarded. The first close wins.
+    /// Starts closing with `code`. The first close wins.
+    ///
+    /// What is already queued is flushed first on shutdown (1001), token
+    /// expiry (4001) and when the client broke a rule (1002, 1007, 1009, 4005,
+    /// 4006): the replies to its earlier requests still reach it, whatever
+    /// the writer had taken when the reader found the fault. It is discarded
+    /// for a slow consumer (4002, the queue is the problem), a client that
+    /// stopped answering (4003), a refresh for another subject (4004) and a
+    /// lost connection (1000).
     pub fn close(&self, code: CloseCode) {
         let mut state = self.lock();
         if state.closing.is_some() {
             return;
         }
-        if matches!(code, CloseCode::GoingAway | CloseCode::TokenExpired) {
+        let flush = match code {
+            CloseCode::GoingAway
+            | CloseCode::TokenExpired
+            | CloseCode::ProtocolError
+            | CloseCode::InvalidPayload
+            | CloseCode::MessageTooBig
+            | CloseCode::PolicyViolation
+            | CloseCode::FrameTimeout => true,
+            CloseCode::Normal
+            | CloseCode::SlowConsumer
+            | CloseCode::PingTimeout
+            | CloseCode::Forbidden => false,
+        };
+        if flush {
             state.closing = Some(Closing::Code(code));
             state.rated = Vec::new();
             self.notify.notify_one();
@@ -611,6 +631,30 @@ mod tests {
             .collect();
         assert_eq!(drained.pongs, newest);
         assert!(!outbox.has_pending());
+    }
+
+    #[test]
+    fn closes_flush_or_discard_by_cause() {
+        let check = |code: CloseCode, flushed: bool| {
+            let outbox = outbox(10, 1 << 20);
+            outbox.push_reply(Bytes::from_static(b"reply"));
+            outbox.close(code);
+            let (frames, drained) = drain_all(&outbox);
+            assert_eq!(frames.len(), usize::from(flushed), "{code:?}");
+            assert_eq!(drained.closing, Some(Closing::Code(code)));
+        };
+        // The client broke a rule: the replies to its earlier requests
+        // still go out, then the close.
+        check(CloseCode::ProtocolError, true);
+        check(CloseCode::InvalidPayload, true);
+        check(CloseCode::MessageTooBig, true);
+        check(CloseCode::PolicyViolation, true);
+        check(CloseCode::FrameTimeout, true);
+        check(CloseCode::GoingAway, true);
+        check(CloseCode::TokenExpired, true);
+        check(CloseCode::SlowConsumer, false);
+        check(CloseCode::PingTimeout, false);
+        check(CloseCode::Forbidden, false);
     }
 
     #[test]
