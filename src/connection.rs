@@ -45,12 +45,38 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// A write buffer larger than this is freed after use rather than kept.
 const KEPT_WRITE_BUFFER: usize = 1024;
 
+/// What a session does with the messages its client sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Protocol v1: requests in; a welcome, replies and deliveries out.
+    Gateway,
+    /// Test only (the `test-echo` feature, `GET /echo`): no welcome, and every
+    /// message goes back as it came, text as text and binary as binary,
+    /// through the same reader, outbox and writer as a gateway session. The
+    /// Autobahn testsuite runs against it (`scripts/autobahn.sh`).
+    #[cfg(feature = "test-echo")]
+    Echo,
+}
+
+impl Mode {
+    /// Whether messages go back as they came instead of being requests.
+    /// Always false, and optimized away, without the `test-echo` feature.
+    fn echoes(self) -> bool {
+        match self {
+            Mode::Gateway => false,
+            #[cfg(feature = "test-echo")]
+            Mode::Echo => true,
+        }
+    }
+}
+
 /// Runs a session on an upgraded connection until it closes.
 pub(crate) async fn serve(
     node: Node,
     upgrade: fastwebsockets::upgrade::UpgradeFut,
     principal: Principal,
     peer: SocketAddr,
+    mode: Mode,
 ) {
     let id = node.next_connection_id();
     let span = info_span!("conn", node = %node.id, conn = id, user = %principal.user, %peer);
@@ -63,8 +89,8 @@ pub(crate) async fn serve(
             }
         };
         match split(upgraded) {
-            Split::Tcp(reader, writer) => run(node, id, principal, reader, writer).await,
-            Split::Other(reader, writer) => run(node, id, principal, reader, writer).await,
+            Split::Tcp(reader, writer) => run(node, id, principal, mode, reader, writer).await,
+            Split::Other(reader, writer) => run(node, id, principal, mode, reader, writer).await,
         }
     }
     .instrument(span)
@@ -101,8 +127,14 @@ fn split(upgraded: Upgraded) -> Split {
     }
 }
 
-async fn run<R, W>(node: Node, id: ConnectionId, principal: Principal, reader: R, writer: W)
-where
+async fn run<R, W>(
+    node: Node,
+    id: ConnectionId,
+    principal: Principal,
+    mode: Mode,
+    reader: R,
+    writer: W,
+) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -115,17 +147,19 @@ where
         principal.expires_at,
         node.metrics.clone(),
     ));
-    outbox.push_reply(
-        ServerFrame::Welcome {
-            connection_id: id,
-            node_id: &node.id,
-            user: &principal.user,
-            protocol: protocol::SUBPROTOCOL,
-            ping_interval_ms: node.config.ping.interval.as_millis() as u64,
-            expires_at: principal.expires_at,
-        }
-        .encode(),
-    );
+    if !mode.echoes() {
+        outbox.push_reply(
+            ServerFrame::Welcome {
+                connection_id: id,
+                node_id: &node.id,
+                user: &principal.user,
+                protocol: protocol::SUBPROTOCOL,
+                ping_interval_ms: node.config.ping.interval.as_millis() as u64,
+                expires_at: principal.expires_at,
+            }
+            .encode(),
+        );
+    }
     let open = OpenConnection::new(&node.metrics);
     let _registered = Registered::new(&node, id, &outbox);
 
@@ -160,6 +194,7 @@ where
         node: node.clone(),
         id,
         principal,
+        mode,
         outbox: outbox.clone(),
         channels: HashMap::new(),
     };
@@ -272,12 +307,8 @@ where
             Err(ReadError::Violation(code)) => return ReaderExit::Violation(code),
         };
         match inbound {
-            Inbound::Text(text) => session.on_text(&text).await,
-            Inbound::Binary(_) => session.send_error(
-                None,
-                ErrorCode::UnsupportedFrame,
-                "protocol v1 uses text frames only",
-            ),
+            Inbound::Text(text) => session.on_text(text).await,
+            Inbound::Binary(bytes) => session.on_binary(bytes),
             Inbound::Ping(payload) => session.outbox.pong(Bytes::from(payload)),
             Inbound::Pong => {}
             Inbound::Close(payload) => {
@@ -294,6 +325,8 @@ struct Session {
     node: Node,
     id: ConnectionId,
     principal: Principal,
+    /// Zero-sized unless the `test-echo` feature is on.
+    mode: Mode,
     outbox: Arc<Outbox>,
     /// Subscribed channels, sharing the hub's copy of each name.
     channels: HashMap<Arc<str>, ChannelKey>,
@@ -308,11 +341,27 @@ impl Drop for Session {
 }
 
 impl Session {
-    async fn on_text(&mut self, payload: &[u8]) {
-        match protocol::parse_request(payload) {
+    async fn on_text(&mut self, payload: Vec<u8>) {
+        if self.mode.echoes() {
+            self.outbox.push_reply(Bytes::from(payload));
+            return;
+        }
+        match protocol::parse_request(&payload) {
             Ok(request) => self.handle(request).await,
             Err(error) => self.send_error(error.id, error.code, &error.message),
         }
+    }
+
+    fn on_binary(&mut self, payload: Vec<u8>) {
+        if self.mode.echoes() {
+            self.outbox.push_binary_reply(Bytes::from(payload));
+            return;
+        }
+        self.send_error(
+            None,
+            ErrorCode::UnsupportedFrame,
+            "protocol v1 uses text frames only",
+        );
     }
 
     fn send_error(&self, id: Option<RequestId>, code: ErrorCode, message: &str) {
@@ -573,11 +622,16 @@ where
             outbox.close(CloseCode::TokenExpired);
         }
         let drained = outbox.drain(&mut frames, MAX_BATCH_BYTES, now);
-        if let Some(payload) = &drained.pong {
+        for payload in &drained.pongs {
             protocol::write_frame(&mut buffer, Opcode::Pong, payload);
         }
+        let opcode = if drained.binary {
+            Opcode::Binary
+        } else {
+            Opcode::Text
+        };
         for frame in frames.drain(..) {
-            protocol::write_frame(&mut buffer, Opcode::Text, &frame);
+            protocol::write_frame(&mut buffer, opcode, &frame);
         }
         let reason = drained.closing.as_ref().map(|closing| match closing {
             Closing::Code(code) => {

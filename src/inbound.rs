@@ -10,7 +10,9 @@
 //! The reader also enforces what fastwebsockets does not: client frames must be
 //! masked (else 1002), and a fragmented message is capped in total, not only per
 //! frame (else 1009). A declared length above the cap is refused from the
-//! header, before anything is allocated for it.
+//! header, before anything is allocated for it. A fragmented text message is
+//! checked for UTF-8 fragment by fragment, and refused (1007) at the first
+//! fragment that cannot continue valid UTF-8.
 
 use std::time::Duration;
 
@@ -136,8 +138,8 @@ pub struct FrameReader<R> {
     buffer: BytesMut,
     /// `limits.max_message_bytes`, inclusive, for a frame or a whole message.
     max_message: usize,
-    /// A fragmented message being assembled: its opcode and bytes so far.
-    fragments: Option<(u8, Vec<u8>)>,
+    /// A fragmented message being assembled.
+    fragments: Option<Fragments>,
     /// `limits.requests_per_second`: every data frame and ping takes a token,
     /// so a flood of empty fragments is as limited as a flood of requests.
     requests: TokenBucket,
@@ -219,7 +221,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             {
                 return Err(ReadError::Violation(CloseCode::PolicyViolation));
             }
-            let assembled = self.fragments.as_ref().map_or(0, |(_, bytes)| bytes.len());
+            let assembled = self
+                .fragments
+                .as_ref()
+                .map_or(0, |fragments| fragments.bytes.len());
             let data = matches!(header.opcode, CONTINUATION | TEXT | BINARY);
             if header.payload_len > self.max_message as u64
                 || (data && assembled as u64 + header.payload_len > self.max_message as u64)
@@ -268,22 +273,29 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 if self.fragments.is_some() {
                     return protocol_error;
                 }
+                let mut message = Fragments {
+                    opcode: header.opcode,
+                    bytes: payload,
+                    checked: 0,
+                };
                 if header.fin {
-                    complete(header.opcode, payload).map(Some)
+                    message.complete().map(Some)
                 } else {
-                    self.fragments = Some((header.opcode, payload));
+                    message.check_utf8()?;
+                    self.fragments = Some(message);
                     Ok(None)
                 }
             }
             CONTINUATION => {
-                let Some((_, bytes)) = self.fragments.as_mut() else {
+                let Some(message) = self.fragments.as_mut() else {
                     return protocol_error;
                 };
-                bytes.extend_from_slice(&payload);
+                message.bytes.extend_from_slice(&payload);
                 if header.fin {
-                    let (opcode, bytes) = self.fragments.take().expect("checked above");
-                    complete(opcode, bytes).map(Some)
+                    let message = self.fragments.take().expect("checked above");
+                    message.complete().map(Some)
                 } else {
+                    message.check_utf8()?;
                     Ok(None)
                 }
             }
@@ -292,14 +304,42 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-fn complete(opcode: u8, bytes: Vec<u8>) -> Result<Inbound, ReadError> {
-    if opcode == BINARY {
-        return Ok(Inbound::Binary(bytes));
+/// A message being assembled, or a whole one from a single frame.
+struct Fragments {
+    opcode: u8,
+    bytes: Vec<u8>,
+    /// For text, how many leading bytes are known to be valid UTF-8. A
+    /// character may straddle two fragments, so up to three bytes at the end
+    /// can wait for the next fragment.
+    checked: usize,
+}
+
+impl Fragments {
+    /// Fails fast: a text message is refused (1007) at the first fragment
+    /// that makes it invalid UTF-8, not only when it ends. Each byte is
+    /// checked once, however many fragments there are.
+    fn check_utf8(&mut self) -> Result<(), ReadError> {
+        if self.opcode != TEXT {
+            return Ok(());
+        }
+        match std::str::from_utf8(&self.bytes[self.checked..]) {
+            Ok(_) => self.checked = self.bytes.len(),
+            // Only an unfinished character at the end: wait for the rest.
+            Err(error) if error.error_len().is_none() => self.checked += error.valid_up_to(),
+            Err(_) => return Err(ReadError::Violation(CloseCode::InvalidPayload)),
+        }
+        Ok(())
     }
-    if std::str::from_utf8(&bytes).is_err() {
-        return Err(ReadError::Violation(CloseCode::InvalidPayload));
+
+    fn complete(self) -> Result<Inbound, ReadError> {
+        if self.opcode == BINARY {
+            return Ok(Inbound::Binary(self.bytes));
+        }
+        if std::str::from_utf8(&self.bytes[self.checked..]).is_err() {
+            return Err(ReadError::Violation(CloseCode::InvalidPayload));
+        }
+        Ok(Inbound::Text(self.bytes))
     }
-    Ok(Inbound::Text(bytes))
 }
 
 #[cfg(test)]
@@ -418,6 +458,30 @@ mod tests {
             vec![Err(ReadError::Violation(InvalidPayload))],
         )
         .await;
+        // A character split over three fragments.
+        let grin = "😀".as_bytes();
+        let mut stream = frame(false, TEXT, &grin[..1]);
+        stream.extend(frame(false, CONTINUATION, &grin[1..2]));
+        stream.extend(frame(true, CONTINUATION, &grin[2..]));
+        check(stream, 100, vec![Ok(Text(grin.to_vec()))]).await;
+        // An unfinished character is refused when the message ends there.
+        let mut stream = frame(false, TEXT, b"a");
+        stream.extend(frame(true, CONTINUATION, &grin[..3]));
+        check(stream, 100, vec![Err(ReadError::Violation(InvalidPayload))]).await;
+    }
+
+    #[tokio::test]
+    async fn invalid_utf8_fails_at_its_fragment_not_at_the_end() {
+        // Autobahn 6.4.1: the second fragment cannot start valid UTF-8
+        // (U+110000), and no further fragment arrives.
+        let mut stream = frame(false, TEXT, "κόσμε".as_bytes());
+        stream.extend(frame(false, CONTINUATION, &[0xf4, 0x90, 0x80, 0x80]));
+        check(stream, 100, vec![Err(ReadError::Violation(InvalidPayload))]).await;
+        // The same bytes are fine in a binary message.
+        let mut stream = frame(false, BINARY, &[0xf4]);
+        stream.extend(frame(false, CONTINUATION, &[0x90, 0x80, 0x80]));
+        stream.extend(frame(true, CONTINUATION, b""));
+        check(stream, 100, vec![Ok(Binary(vec![0xf4, 0x90, 0x80, 0x80]))]).await;
     }
 
     #[tokio::test]

@@ -67,8 +67,11 @@ pub enum Closing {
 /// What the writer takes out of the outbox in one go.
 #[derive(Debug, Default)]
 pub struct Drained {
-    /// The latest unanswered client ping's payload.
-    pub pong: Option<Bytes>,
+    /// The drained frames are binary messages (only echo sessions queue
+    /// them); otherwise text. One drain never mixes the two.
+    pub binary: bool,
+    /// Unanswered client pings' payloads, oldest first: one pong each.
+    pub pongs: VecDeque<Bytes>,
     /// Set when the queue is empty and the connection is closing: send this, then stop.
     pub closing: Option<Closing>,
     /// How many of the drained frames are channel messages (not replies).
@@ -99,7 +102,9 @@ struct State {
     queue: VecDeque<Entry>,
     /// Sum of the frame lengths in `queue`.
     bytes: usize,
-    pong: Option<Bytes>,
+    /// Payloads of unanswered client pings, at most [`MAX_PENDING_PONGS`] of
+    /// 125 bytes; no allocation while there are none.
+    pongs: VecDeque<Bytes>,
     closing: Option<Closing>,
     /// Rate-limited channels' last delivery time and newest held message.
     rated: Vec<RateSlot>,
@@ -107,8 +112,20 @@ struct State {
 
 struct Entry {
     frame: Bytes,
-    /// `None` for replies, which are never dropped or conflated.
-    channel: Option<(ChannelKey, SlowPolicy)>,
+    kind: Kind,
+}
+
+/// What an entry is. The tag lives in `SlowPolicy`'s spare values, so an
+/// entry is a `Bytes` and 16 bytes whichever the kind (see the size test).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A reply or another protocol frame, sent as text; never dropped or conflated.
+    Reply,
+    /// A reply sent as a binary frame: the echo of a binary message (echo
+    /// sessions only, the `test-echo` feature). Treated like a reply.
+    BinaryReply,
+    /// A channel message, under its channel's slow-consumer policy.
+    Message(ChannelKey, SlowPolicy),
 }
 
 struct RateSlot {
@@ -119,6 +136,10 @@ struct RateSlot {
     held: Option<Bytes>,
 }
 
+/// Unanswered client pings answered one by one; beyond this many only the
+/// latest are. Pings also take request tokens (`limits.requests_per_second`).
+pub const MAX_PENDING_PONGS: usize = 16;
+
 /// Entries kept allocated in an idle queue; a larger buffer is freed once drained.
 const IDLE_QUEUE_CAPACITY: usize = 8;
 
@@ -128,7 +149,7 @@ impl Outbox {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 bytes: 0,
-                pong: None,
+                pongs: VecDeque::new(),
                 closing: None,
                 rated: Vec::new(),
             }),
@@ -194,7 +215,7 @@ impl Outbox {
                 .queue
                 .iter_mut()
                 .rev()
-                .find(|entry| matches!(entry.channel, Some((key, _)) if key == channel));
+                .find(|entry| matches!(entry.kind, Kind::Message(key, _) if key == channel));
             if let Some(entry) = pending {
                 state.bytes = state.bytes - entry.frame.len() + len;
                 entry.frame = frame;
@@ -211,7 +232,7 @@ impl Outbox {
                 SlowPolicy::DropOldest => {
                     while self.is_full(state, len) {
                         let oldest = state.queue.iter().position(|entry| {
-                            matches!(entry.channel, Some((_, SlowPolicy::DropOldest)))
+                            matches!(entry.kind, Kind::Message(_, SlowPolicy::DropOldest))
                         });
                         self.metrics.message_dropped("queue_full", Some(slow));
                         match oldest.and_then(|index| state.queue.remove(index)) {
@@ -230,7 +251,7 @@ impl Outbox {
             state,
             Entry {
                 frame,
-                channel: Some((channel, slow)),
+                kind: Kind::Message(channel, slow),
             },
         );
     }
@@ -238,6 +259,16 @@ impl Outbox {
     /// Queues a reply or another protocol frame. Replies are never dropped: a
     /// client whose queue is full is closed as a slow consumer instead.
     pub fn push_reply(&self, frame: Bytes) {
+        self.push_unconflated(frame, Kind::Reply);
+    }
+
+    /// Queues a reply to be sent as a binary frame, like [`Outbox::push_reply`].
+    /// Only echo sessions (the `test-echo` feature) send binary frames.
+    pub fn push_binary_reply(&self, frame: Bytes) {
+        self.push_unconflated(frame, Kind::BinaryReply);
+    }
+
+    fn push_unconflated(&self, frame: Bytes, kind: Kind) {
         let mut state = self.lock();
         if state.closing.is_some() {
             return;
@@ -246,13 +277,7 @@ impl Outbox {
             self.fail(&mut state, CloseCode::SlowConsumer);
             return;
         }
-        self.append(
-            &mut state,
-            Entry {
-                frame,
-                channel: None,
-            },
-        );
+        self.append(&mut state, Entry { frame, kind });
     }
 
     fn is_full(&self, state: &State, len: usize) -> bool {
@@ -280,14 +305,34 @@ impl Outbox {
         self.notify.notify_one();
     }
 
-    /// Starts closing with `code`. On shutdown and token expiry what is already
-    /// queued is flushed first; otherwise it is discarded. The first close wins.
+    /// Starts closing with `code`. The first close wins.
+    ///
+    /// What is already queued is flushed first on shutdown (1001), token
+    /// expiry (4001) and when the client broke a rule (1002, 1007, 1009, 4005,
+    /// 4006): the replies to its earlier requests still reach it, whatever
+    /// the writer had taken when the reader found the fault. It is discarded
+    /// for a slow consumer (4002, the queue is the problem), a client that
+    /// stopped answering (4003), a refresh for another subject (4004) and a
+    /// lost connection (1000).
     pub fn close(&self, code: CloseCode) {
         let mut state = self.lock();
         if state.closing.is_some() {
             return;
         }
-        if matches!(code, CloseCode::GoingAway | CloseCode::TokenExpired) {
+        let flush = match code {
+            CloseCode::GoingAway
+            | CloseCode::TokenExpired
+            | CloseCode::ProtocolError
+            | CloseCode::InvalidPayload
+            | CloseCode::MessageTooBig
+            | CloseCode::PolicyViolation
+            | CloseCode::FrameTimeout => true,
+            CloseCode::Normal
+            | CloseCode::SlowConsumer
+            | CloseCode::PingTimeout
+            | CloseCode::Forbidden => false,
+        };
+        if flush {
             state.closing = Some(Closing::Code(code));
             state.rated = Vec::new();
             self.notify.notify_one();
@@ -307,10 +352,15 @@ impl Outbox {
         self.notify.notify_one();
     }
 
-    /// Answers a client ping; only the latest unanswered one (RFC 6455 5.5.3).
+    /// Answers a client ping. Pongs go out ahead of queued frames, one per
+    /// ping, up to [`MAX_PENDING_PONGS`] unanswered pings; beyond that the
+    /// oldest go unanswered (RFC 6455 5.5.3 allows answering only the latest).
     pub fn pong(&self, payload: Bytes) {
         let mut state = self.lock();
-        state.pong = Some(payload);
+        if state.pongs.len() == MAX_PENDING_PONGS {
+            state.pongs.pop_front();
+        }
+        state.pongs.push_back(payload);
         drop(state);
         self.notify.notify_one();
     }
@@ -349,25 +399,33 @@ impl Outbox {
     }
 
     /// Releases rate-limited messages that are due at `now`, then takes queued
-    /// frames, oldest first, until `max_bytes` is reached. One lock per call:
-    /// this is the writer's whole view of the outbox.
+    /// frames, oldest first, until `max_bytes` is reached or the next frame's
+    /// opcode differs (text and binary frames go out in separate drains). One
+    /// lock per call: this is the writer's whole view of the outbox.
     pub fn drain(&self, frames: &mut Vec<Bytes>, max_bytes: usize, now: Instant) -> Drained {
         let mut state = self.lock();
         let next_release = self.release_due(&mut state, now);
         let mut drained = Drained {
-            pong: state.pong.take(),
+            pongs: std::mem::take(&mut state.pongs),
             next_release,
             ..Drained::default()
         };
         let mut taken = 0;
+        let first = frames.len();
         while let Some(entry) = state.queue.front() {
+            let binary = entry.kind == Kind::BinaryReply;
+            if frames.len() == first {
+                drained.binary = binary;
+            } else if binary != drained.binary {
+                break;
+            }
             if taken > 0 && taken + entry.frame.len() > max_bytes {
                 break;
             }
             let entry = state.queue.pop_front().expect("front exists");
             taken += entry.frame.len();
             state.bytes -= entry.frame.len();
-            if entry.channel.is_some() {
+            if matches!(entry.kind, Kind::Message(..)) {
                 drained.messages += 1;
             }
             frames.push(entry.frame);
@@ -387,7 +445,7 @@ impl Outbox {
     #[cfg(test)]
     fn has_pending(&self) -> bool {
         let state = self.lock();
-        !state.queue.is_empty() || state.pong.is_some()
+        !state.queue.is_empty() || !state.pongs.is_empty()
     }
 
     /// Waits until something is pushed. Cancel-safe: a wake-up that arrives
@@ -516,6 +574,87 @@ mod tests {
             drained.closing,
             Some(Closing::Code(CloseCode::SlowConsumer))
         );
+    }
+
+    #[test]
+    fn an_entry_costs_the_same_whatever_its_kind() {
+        // A `Bytes` (32) and the kind (16): the binary kind added nothing.
+        assert_eq!(std::mem::size_of::<Entry>(), 48);
+    }
+
+    #[test]
+    fn text_and_binary_frames_are_drained_in_separate_runs() {
+        let outbox = outbox(10, 1 << 20);
+        outbox.push_reply(Bytes::from_static(b"t1"));
+        outbox.push_reply(Bytes::from_static(b""));
+        outbox.push_binary_reply(Bytes::from_static(b"b1"));
+        outbox.push_binary_reply(Bytes::from_static(b"b2"));
+        outbox.push_reply(Bytes::from_static(b"t2"));
+        outbox.close(CloseCode::GoingAway);
+        let mut runs = Vec::new();
+        loop {
+            let (frames, drained) = drain_all(&outbox);
+            runs.push((drained.binary, frames));
+            if !drained.more {
+                assert_eq!(drained.closing, Some(Closing::Code(CloseCode::GoingAway)));
+                break;
+            }
+        }
+        assert_eq!(
+            runs,
+            [
+                (false, vec![Bytes::from_static(b"t1"), Bytes::new()]),
+                (
+                    true,
+                    vec![Bytes::from_static(b"b1"), Bytes::from_static(b"b2")]
+                ),
+                (false, vec![Bytes::from_static(b"t2")]),
+            ]
+        );
+    }
+
+    #[test]
+    fn every_ping_is_answered_up_to_a_bound() {
+        let outbox = outbox(10, 1 << 20);
+        for i in 0..10 {
+            outbox.pong(Bytes::from(format!("p{i}")));
+        }
+        let (_, drained) = drain_all(&outbox);
+        let expected: Vec<Bytes> = (0..10).map(|i| Bytes::from(format!("p{i}"))).collect();
+        assert_eq!(drained.pongs, expected);
+        for i in 0..MAX_PENDING_PONGS + 5 {
+            outbox.pong(Bytes::from(format!("q{i}")));
+        }
+        let (_, drained) = drain_all(&outbox);
+        let newest: Vec<Bytes> = (5..MAX_PENDING_PONGS + 5)
+            .map(|i| Bytes::from(format!("q{i}")))
+            .collect();
+        assert_eq!(drained.pongs, newest);
+        assert!(!outbox.has_pending());
+    }
+
+    #[test]
+    fn closes_flush_or_discard_by_cause() {
+        let check = |code: CloseCode, flushed: bool| {
+            let outbox = outbox(10, 1 << 20);
+            outbox.push_reply(Bytes::from_static(b"reply"));
+            outbox.close(code);
+            let (frames, drained) = drain_all(&outbox);
+            assert_eq!(frames.len(), usize::from(flushed), "{code:?}");
+            assert_eq!(drained.closing, Some(Closing::Code(code)));
+        };
+        // The client broke a rule: the replies to its earlier requests
+        // still go out, then the close.
+        check(CloseCode::ProtocolError, true);
+        check(CloseCode::InvalidPayload, true);
+        check(CloseCode::MessageTooBig, true);
+        check(CloseCode::PolicyViolation, true);
+        check(CloseCode::FrameTimeout, true);
+        check(CloseCode::GoingAway, true);
+        check(CloseCode::TokenExpired, true);
+        check(CloseCode::SlowConsumer, false);
+        check(CloseCode::PingTimeout, false);
+        check(CloseCode::Forbidden, false);
     }
 
     #[test]

@@ -409,6 +409,8 @@ fn write_json_string(out: &mut BytesMut, text: &str) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Opcode {
     Text = 0x1,
+    /// Only echo sessions (the `test-echo` feature) send binary frames.
+    Binary = 0x2,
     Close = 0x8,
     Ping = 0x9,
     Pong = 0xA,

@@ -26,7 +26,7 @@ use crate::Node;
 use crate::admission::Refusal;
 use crate::auth::AuthError;
 use crate::channel;
-use crate::connection;
+use crate::connection::{self, Mode};
 use crate::http::{self, Body};
 use crate::protocol::{AUTH_SUBPROTOCOL_PREFIX, SUBPROTOCOL};
 
@@ -216,7 +216,10 @@ async fn route(request: Request<Incoming>, node: Node, client: Client) -> Respon
         return response;
     }
     let (name, response) = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/ws") => ("ws", websocket(request, &node, peer)),
+        (&Method::GET, "/ws") => ("ws", websocket(request, &node, peer, Mode::Gateway)),
+        // Test only: release builds have no `/echo`.
+        #[cfg(feature = "test-echo")]
+        (&Method::GET, "/echo") => ("echo", websocket(request, &node, peer, Mode::Echo)),
         (&Method::POST, "/api/publish") => ("publish", publish(request, &node).await),
         (&Method::GET, "/healthz") => (
             "healthz",
@@ -302,7 +305,13 @@ fn refused(node: &Node, refusal: Refusal) -> Response<Body> {
 }
 
 /// `GET /ws`: checks the handshake, admission and the token, then upgrades.
-fn websocket(mut request: Request<Incoming>, node: &Node, peer: SocketAddr) -> Response<Body> {
+/// `GET /echo` (the `test-echo` feature) does the same without a token.
+fn websocket(
+    mut request: Request<Incoming>,
+    node: &Node,
+    peer: SocketAddr,
+    mode: Mode,
+) -> Response<Body> {
     if !fastwebsockets::upgrade::is_upgrade_request(&request) {
         return rejected(
             node,
@@ -347,8 +356,16 @@ fn websocket(mut request: Request<Incoming>, node: &Node, peer: SocketAddr) -> R
     {
         return refused(node, refusal);
     }
-    let principal = match token(&request, &offered).and_then(|token| node.auth.authenticate(token))
-    {
+    let authenticated = match mode {
+        Mode::Gateway => token(&request, &offered).and_then(|token| node.auth.authenticate(token)),
+        #[cfg(feature = "test-echo")]
+        Mode::Echo => Ok(crate::auth::Principal {
+            user: "echo".into(),
+            grants: Arc::from([]),
+            expires_at: u64::MAX,
+        }),
+    };
+    let principal = match authenticated {
         Ok(principal) => principal,
         Err(error) => {
             node.metrics.auth_failed(&error);
@@ -385,7 +402,7 @@ fn websocket(mut request: Request<Incoming>, node: &Node, peer: SocketAddr) -> R
     node.tracker.spawn(async move {
         // The slots are held for as long as the connection lives.
         let _admitted = admitted;
-        connection::serve(session_node, upgrade, principal, peer).await;
+        connection::serve(session_node, upgrade, principal, peer, mode).await;
     });
     Response::from_parts(parts, Body::default())
 }

@@ -658,3 +658,28 @@ async fn an_unmasked_frame_is_closed_with_1002() {
     let mut client: Client = node.client(&["*"]).await;
     assert_eq!(client.request(json!({"op": "ping"})).await["type"], "pong");
 }
+
+#[tokio::test]
+async fn replies_queued_before_a_protocol_error_still_arrive() {
+    let node = TestNode::start().await;
+    let mut raw = RawClient::connect(node.addr, &format!("/ws?token={}", token("u", &["*"]))).await;
+    let (_, welcome) = raw.read_frame().await.expect("the welcome");
+    assert!(welcome.starts_with(br#"{"type":"welcome""#));
+    // Both frames arrive together: the reader finds the fault while the
+    // pong is still queued, and the pong goes out before the close.
+    let mut both = Vec::new();
+    for (payload, masked) in [(&br#"{"op":"ping","id":1}"#[..], true), (b"x", false)] {
+        let mut frame = vec![0x81, if masked { 0x80 } else { 0 } | payload.len() as u8];
+        if masked {
+            frame.extend_from_slice(&[0; 4]);
+        }
+        frame.extend_from_slice(payload);
+        both.extend(frame);
+    }
+    raw.stream.write_all(&both).await.unwrap();
+    assert_eq!(
+        raw.read_frame().await,
+        Some((0x1, br#"{"type":"pong","id":1}"#.to_vec()))
+    );
+    assert_eq!(raw.expect_close(PATIENCE).await, 1002);
+}
