@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test herald has: the Rust suites (against real redis-server
-# processes), the JavaScript client's tests, and the deployment checks (Helm
-# chart, manifests, compose, dashboards, alerts). Installs what a fresh
+# processes), the JavaScript client's tests, the deployment checks (Helm
+# chart, manifests, compose, dashboards, alerts) and the Autobahn WebSocket
+# conformance suite (Python 2.7 from pyenv, as on the project's machines). Installs what a fresh
 # machine lacks, idempotently, and ends with one line: `N passed, M failed`.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -54,6 +55,12 @@ HERALD_BIN=target/debug/herald bash scripts/test-deploy.sh 2>&1 | tee "$log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 count '/ passed/ { for (i = 1; i < NF; i++) if ($(i + 1) ~ /^passed/) n += $i } END { print n + 0 }' \
       '/ failed/ { for (i = 1; i < NF; i++) if ($(i + 1) ~ /^failed/) n += $i } END { print n + 0 }'
+
+echo "== WebSocket conformance (Autobahn testsuite, cases 1-7, 9, 10)"
+bash scripts/autobahn.sh 2>&1 | tee "$log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+count '/^autobahn: [0-9]+ cases, [0-9]+ differences/ { n += $2 - $4 } END { print n + 0 }' \
+      '/^autobahn: [0-9]+ cases, [0-9]+ differences/ { n += $4 } END { print n + 0 }'
 
 if [ "$status" != 0 ] && [ "$failed" = 0 ]; then
     # A runner failed without counting a test (a build error, say).

@@ -38,7 +38,8 @@ fn echo_config() -> Config {
     // No unsolicited pings in the middle of a case.
     config.ping.interval = Duration::from_secs(3600);
     config.ping.timeout = Duration::from_secs(3600);
-    config.shutdown.timeout = Duration::from_secs(1);
+    config.shutdown.timeout = Duration::from_secs(5);
+    config.shutdown.drain_period = Duration::ZERO;
     config
 }
 
