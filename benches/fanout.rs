@@ -64,6 +64,37 @@ fn outbox_push_and_drain(c: &mut Criterion) {
     });
 }
 
+/// Conflation behind a backlog: 1,000 entries are queued (a slow reader),
+/// then 64 channels each get two messages, the second replacing the first.
+fn conflate_behind_a_backlog(c: &mut Criterion) {
+    let outbox = outbox();
+    let frame = herald::protocol::encode_message("prices.AAPL", PAYLOAD);
+    let conflate = DeliveryPolicy {
+        slow: SlowPolicy::Conflate,
+        min_interval: None,
+    };
+    let mut frames = Vec::new();
+    c.bench_function("outbox_conflate_behind_1000_queued", |b| {
+        b.iter_custom(|iterations| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iterations {
+                for _ in 0..1000 {
+                    outbox.push_reply(frame.clone());
+                }
+                let started = Instant::now();
+                for channel in 0..64 {
+                    outbox.push_message(&frame, channel, &conflate);
+                    outbox.push_message(&frame, channel, &conflate);
+                }
+                spent += started.elapsed();
+                frames.clear();
+                outbox.drain(&mut frames, usize::MAX, tokio::time::Instant::now());
+            }
+            spent
+        })
+    });
+}
+
 fn hub_deliver(c: &mut Criterion) {
     let mut group = c.benchmark_group("hub_deliver");
     for subscribers in [1usize, 1_000, 10_000] {
@@ -142,6 +173,6 @@ fn subscribe_during_fanout(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = encode, outbox_push_and_drain, hub_deliver, subscribe_during_fanout
+    targets = encode, outbox_push_and_drain, conflate_behind_a_backlog, hub_deliver, subscribe_during_fanout
 }
 criterion_main!(benches);

@@ -108,6 +108,29 @@ struct State {
     closing: Option<Closing>,
     /// Rate-limited channels' last delivery time and newest held message.
     rated: Vec<RateSlot>,
+    /// How many entries have left the front of `queue` since the outbox was
+    /// made: `queue[i]` is entry number `popped + i`.
+    popped: u64,
+    /// Each `conflate` channel's pending entry, by entry number, so that a new
+    /// message replaces it without scanning the queue. At most one per
+    /// channel: bounded by `limits.max_channels_per_connection`. In queue
+    /// order, so that the drain pops its front; searching a few pairs from the
+    /// newest beats hashing.
+    conflated: VecDeque<(ChannelKey, u64)>,
+    /// `drop_oldest` messages queued, so that a full queue without any does
+    /// not scan for one.
+    drop_oldest_queued: usize,
+}
+
+impl State {
+    /// Empties the queue (a close that discards what is queued).
+    fn discard_queue(&mut self) {
+        self.popped += self.queue.len() as u64;
+        self.queue = VecDeque::new();
+        self.bytes = 0;
+        self.conflated = VecDeque::new();
+        self.drop_oldest_queued = 0;
+    }
 }
 
 struct Entry {
@@ -152,6 +175,9 @@ impl Outbox {
                 pongs: VecDeque::new(),
                 closing: None,
                 rated: Vec::new(),
+                popped: 0,
+                conflated: VecDeque::new(),
+                drop_oldest_queued: 0,
             }),
             notify: Notify::new(),
             last_activity_ms: AtomicU64::new(0),
@@ -212,13 +238,16 @@ impl Outbox {
         let len = frame.len();
         if slow == SlowPolicy::Conflate {
             let pending = state
-                .queue
-                .iter_mut()
+                .conflated
+                .iter()
                 .rev()
-                .find(|entry| matches!(entry.kind, Kind::Message(key, _) if key == channel));
-            if let Some(entry) = pending {
-                state.bytes = state.bytes - entry.frame.len() + len;
-                entry.frame = frame;
+                .find(|(key, _)| *key == channel);
+            if let Some(&(_, number)) = pending {
+                let index = (number - state.popped) as usize;
+                let entry = &mut state.queue[index];
+                debug_assert!(matches!(entry.kind, Kind::Message(key, _) if key == channel));
+                let replaced = std::mem::replace(&mut entry.frame, frame);
+                state.bytes = state.bytes - replaced.len() + len;
                 self.metrics.message_dropped("conflated", Some(slow));
                 return;
             }
@@ -231,14 +260,29 @@ impl Outbox {
                 }
                 SlowPolicy::DropOldest => {
                     while self.is_full(state, len) {
-                        let oldest = state.queue.iter().position(|entry| {
-                            matches!(entry.kind, Kind::Message(_, SlowPolicy::DropOldest))
-                        });
                         self.metrics.message_dropped("queue_full", Some(slow));
-                        match oldest.and_then(|index| state.queue.remove(index)) {
-                            Some(evicted) => state.bytes -= evicted.frame.len(),
+                        // The scan stops at the first drop_oldest entry, and
+                        // is skipped when there is none.
+                        let oldest = (state.drop_oldest_queued > 0)
+                            .then(|| {
+                                state.queue.iter().position(|entry| {
+                                    matches!(entry.kind, Kind::Message(_, SlowPolicy::DropOldest))
+                                })
+                            })
+                            .flatten();
+                        let Some(index) = oldest else {
                             // Only other policies' messages are queued: this one yields.
-                            None => return,
+                            return;
+                        };
+                        let evicted = state.queue.remove(index).expect("found above");
+                        state.bytes -= evicted.frame.len();
+                        state.drop_oldest_queued -= 1;
+                        // Entries behind it moved up one place.
+                        let removed = state.popped + index as u64;
+                        for (_, number) in state.conflated.iter_mut() {
+                            if *number > removed {
+                                *number -= 1;
+                            }
                         }
                     }
                 }
@@ -288,6 +332,14 @@ impl Outbox {
     fn append(&self, state: &mut State, entry: Entry) {
         let was_empty = state.queue.is_empty();
         state.bytes += entry.frame.len();
+        match entry.kind {
+            Kind::Message(channel, SlowPolicy::Conflate) => {
+                let number = state.popped + state.queue.len() as u64;
+                state.conflated.push_back((channel, number));
+            }
+            Kind::Message(_, SlowPolicy::DropOldest) => state.drop_oldest_queued += 1,
+            _ => {}
+        }
         state.queue.push_back(entry);
         if was_empty {
             self.notify.notify_one();
@@ -299,8 +351,7 @@ impl Outbox {
         if state.closing.is_none() {
             state.closing = Some(Closing::Code(code));
         }
-        state.queue = VecDeque::new();
-        state.bytes = 0;
+        state.discard_queue();
         state.rated = Vec::new();
         self.notify.notify_one();
     }
@@ -347,8 +398,7 @@ impl Outbox {
         if state.closing.is_none() {
             state.closing = Some(Closing::Echo(payload));
         }
-        state.queue = VecDeque::new();
-        state.bytes = 0;
+        state.discard_queue();
         self.notify.notify_one();
     }
 
@@ -423,6 +473,16 @@ impl Outbox {
                 break;
             }
             let entry = state.queue.pop_front().expect("front exists");
+            state.popped += 1;
+            match entry.kind {
+                Kind::Message(channel, SlowPolicy::Conflate) => {
+                    // Entries leave in queue order: this one is the oldest.
+                    let front = state.conflated.pop_front();
+                    debug_assert_eq!(front.map(|(key, _)| key), Some(channel));
+                }
+                Kind::Message(_, SlowPolicy::DropOldest) => state.drop_oldest_queued -= 1,
+                _ => {}
+            }
             taken += entry.frame.len();
             state.bytes -= entry.frame.len();
             if matches!(entry.kind, Kind::Message(..)) {
@@ -433,6 +493,9 @@ impl Outbox {
         if state.queue.is_empty() {
             if state.queue.capacity() > IDLE_QUEUE_CAPACITY {
                 state.queue = VecDeque::new();
+            }
+            if state.conflated.capacity() > IDLE_QUEUE_CAPACITY {
+                state.conflated = VecDeque::new();
             }
             drained.closing = state.closing.clone();
         } else {
@@ -686,5 +749,92 @@ mod tests {
         let (frames, drained) = drain_all(&outbox);
         assert_eq!(drained.next_release, None);
         assert_eq!(frames, ["m4"]);
+    }
+
+    /// The indexed conflation and eviction against a model that scans, as
+    /// the outbox once did, over a long pseudo-random run of pushes, replies
+    /// and partial drains.
+    #[test]
+    fn indexed_conflation_matches_a_scanning_model() {
+        #[derive(Clone, Copy, PartialEq, Debug)]
+        enum Model {
+            Reply,
+            Message(ChannelKey, SlowPolicy),
+        }
+        let outbox = outbox(12, 1 << 20);
+        let mut model: VecDeque<(Model, Bytes)> = VecDeque::new();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut delivered = Vec::new();
+        let mut expected = Vec::new();
+        for step in 0..20_000u64 {
+            let frame = Bytes::from(step.to_string());
+            match next() % 10 {
+                0..=3 => {
+                    let channel = next() % 4;
+                    outbox.push_message(&frame, channel, &policy(SlowPolicy::Conflate));
+                    match model
+                        .iter_mut()
+                        .rev()
+                        .find(|(kind, _)| *kind == Model::Message(channel, SlowPolicy::Conflate))
+                    {
+                        Some(pending) => pending.1 = frame,
+                        None => {
+                            model.push_back((Model::Message(channel, SlowPolicy::Conflate), frame))
+                        }
+                    }
+                }
+                4..=6 => {
+                    let channel = 10 + next() % 3;
+                    outbox.push_message(&frame, channel, &policy(SlowPolicy::DropOldest));
+                    let kind = Model::Message(channel, SlowPolicy::DropOldest);
+                    let mut yielded = false;
+                    while model.len() >= 12 {
+                        match model.iter().position(|(k, _)| {
+                            matches!(k, Model::Message(_, SlowPolicy::DropOldest))
+                        }) {
+                            Some(index) => {
+                                model.remove(index);
+                            }
+                            None => {
+                                yielded = true;
+                                break;
+                            }
+                        }
+                    }
+                    if !yielded {
+                        model.push_back((kind, frame));
+                    }
+                }
+                7 => {
+                    // A reply into a full queue would close the connection;
+                    // the model keeps to what both agree on.
+                    if model.len() < 12 {
+                        outbox.push_reply(frame.clone());
+                        model.push_back((Model::Reply, frame));
+                    }
+                }
+                _ => {
+                    let mut frames = Vec::new();
+                    let budget = (next() % 4) as usize * 6;
+                    outbox.drain(&mut frames, budget, Instant::now());
+                    delivered.extend(frames.iter().cloned());
+                    for _ in 0..frames.len() {
+                        expected.push(model.pop_front().unwrap().1);
+                    }
+                }
+            }
+        }
+        let (rest, _) = drain_all(&outbox);
+        delivered.extend(rest);
+        expected.extend(model.into_iter().map(|(_, frame)| frame));
+        assert_eq!(delivered, expected);
+        assert!(outbox.lock().conflated.is_empty());
+        assert_eq!(outbox.lock().drop_oldest_queued, 0);
     }
 }
