@@ -509,15 +509,27 @@ impl Config {
         file: Option<&Path>,
         env: HashMap<String, String>,
     ) -> Result<Config, ConfigError> {
-        let mut builder = config::Config::builder();
-        if let Some(file) = file {
-            if !file.exists() {
+        let file = match file {
+            Some(file) if !file.exists() => {
                 return Err(ConfigError::invalid(
                     "--config",
                     format!("file {} does not exist", file.display()),
                 ));
             }
-            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+            Some(file) => Some(config::File::from(file).format(config::FileFormat::Toml)),
+            None => None,
+        };
+        Self::read_layers(file, env)
+    }
+
+    /// Defaults, then `file`, then `env`.
+    fn read_layers<F>(file: Option<F>, env: HashMap<String, String>) -> Result<Config, ConfigError>
+    where
+        F: config::Source + Send + Sync + 'static,
+    {
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            builder = builder.add_source(file);
         }
         let hostname = env.get("HOSTNAME").cloned();
         let prefix = format!("{ENV_PREFIX}_");
