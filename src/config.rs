@@ -505,6 +505,15 @@ impl Config {
         Self::read_with_env(file, std::env::vars().collect())
     }
 
+    /// Reads and validates a configuration given as TOML text, as if from a
+    /// file with no `HERALD_*` environment. For the fuzz target `config`.
+    pub(crate) fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let file = config::File::from_str(text, config::FileFormat::Toml);
+        let config = Self::read_layers(Some(file), HashMap::new())?;
+        config.validate()?;
+        Ok(config)
+    }
+
     fn read_with_env(
         file: Option<&Path>,
         env: HashMap<String, String>,
