@@ -692,6 +692,20 @@ impl Config {
                 ));
             }
         }
+        if self
+            .log
+            .level
+            .split(',')
+            .any(|directive| directive.trim() != directive)
+        {
+            // tracing-subscriber 0.3 slices each untrimmed directive with the
+            // trimmed one's indices: a wrong target, or a panic when that
+            // lands inside a character.
+            return Err(ConfigError::invalid(
+                "log.level",
+                "directives must not begin or end with whitespace (write herald=debug,hyper=warn)",
+            ));
+        }
         if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
             return Err(ConfigError::invalid("log.level", error.to_string()));
         }
@@ -801,6 +815,24 @@ mod tests {
         assert!(!text.contains(SECRET));
         assert!(text.contains("<redacted>"));
         assert!(!format!("{config:?}").contains(SECRET));
+    }
+
+    #[test]
+    fn a_log_level_in_whitespace_is_refused_without_a_panic() {
+        // Found by the `config` fuzz target: a directive with a leading tab
+        // and a non-ASCII character made validation panic inside
+        // tracing-subscriber.
+        for level in [
+            "\tx\u{fffd}=debug",
+            "info,\tx\u{fffd}=debug",
+            " info",
+            "info\n",
+        ] {
+            let text = format!("[log]\nlevel = {level:?}\n");
+            let error = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(error.contains("log.level"), "{level:?}: {error}");
+        }
+        assert!(Config::from_toml("[log]\nlevel = \"herald=debug,info\"\n").is_ok());
     }
 
     #[test]
