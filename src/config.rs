@@ -21,6 +21,13 @@ pub const EXIT_INVALID_CONFIG: i32 = 64;
 /// The environment variable prefix.
 pub const ENV_PREFIX: &str = "HERALD";
 
+/// The longest timeout or interval accepted. The node adds each to the
+/// clock, which overflows (a panic) about 292 billion years out.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
+/// The most clock skew `auth.leeway` may allow.
+const MAX_LEEWAY: Duration = Duration::from_secs(86_400);
+
 /// Keys whose environment value is a comma-separated list.
 const LIST_KEYS: &[&str] = &[
     "auth.algorithms",
@@ -581,6 +588,8 @@ impl Config {
         let positive = |key: &str, value: Duration| {
             if value.is_zero() {
                 Err(ConfigError::invalid(key, "must be greater than zero"))
+            } else if value > MAX_DURATION {
+                Err(ConfigError::invalid(key, "must be at most 365 days"))
             } else {
                 Ok(())
             }
@@ -600,6 +609,11 @@ impl Config {
         positive("broker.subscribe_timeout", self.broker.subscribe_timeout)?;
         positive("broker.command_timeout", self.broker.command_timeout)?;
         positive("broker.reconnect_min", self.broker.reconnect_min)?;
+        positive("broker.reconnect_max", self.broker.reconnect_max)?;
+        if self.auth.leeway > MAX_LEEWAY {
+            // jsonwebtoken computes `now - leeway` in u64.
+            return Err(ConfigError::invalid("auth.leeway", "must be at most 1 day"));
+        }
         if self.broker.reconnect_max < self.broker.reconnect_min {
             return Err(ConfigError::invalid(
                 "broker.reconnect_max",
@@ -833,6 +847,29 @@ mod tests {
             assert!(error.contains("log.level"), "{level:?}: {error}");
         }
         assert!(Config::from_toml("[log]\nlevel = \"herald=debug,info\"\n").is_ok());
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        // Both validated before, then broke the node: the first panicked on
+        // `Instant::now() + interval` in every writer, the second made
+        // jsonwebtoken compute `now - leeway` below zero (a panic in debug
+        // builds; in release, every token was expired).
+        let check = |text: &str, key: &str| {
+            let error = Config::from_toml(text).unwrap_err().to_string();
+            assert!(error.contains(key), "{text}: {error}");
+        };
+        check("[ping]\ninterval = \"400000000000y\"\n", "ping.interval");
+        check(
+            "[limits]\nframe_timeout = \"366d\"\n",
+            "limits.frame_timeout",
+        );
+        check("[broker]\nreconnect_max = \"2y\"\n", "broker.reconnect_max");
+        check("[auth]\nleeway = \"100y\"\n", "auth.leeway");
+        check("[auth]\nleeway = \"25h\"\n", "auth.leeway");
+        assert!(
+            Config::from_toml("[auth]\nleeway = \"1d\"\n[ping]\ninterval = \"365d\"\n").is_ok()
+        );
     }
 
     #[test]
