@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test herald has: the Rust suites (against real redis-server
 # processes), the JavaScript client's tests, the deployment checks (Helm
-# chart, manifests, compose, dashboards, alerts) and the Autobahn WebSocket
-# conformance suite (Python 2.7 from pyenv, as on the project's machines). Installs what a fresh
+# chart, manifests, compose, dashboards, alerts), the Autobahn WebSocket
+# conformance suite (Python 2.7 from pyenv, as on the project's machines) and
+# a short run of every fuzz target (the nightly toolchain; cargo-fuzz is
+# installed when missing). Installs what a fresh
 # machine lacks, idempotently, and ends with one line: `N passed, M failed`.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -61,6 +63,11 @@ bash scripts/autobahn.sh 2>&1 | tee "$log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 count '/^autobahn: [0-9]+ cases, [0-9]+ differences/ { n += $2 - $4 } END { print n + 0 }' \
       '/^autobahn: [0-9]+ cases, [0-9]+ differences/ { n += $4 } END { print n + 0 }'
+
+echo "== Fuzzing (each cargo-fuzz target for a short fixed time; the corpora replay under cargo test)"
+bash scripts/fuzz.sh "${HERALD_FUZZ_SECONDS:-5}" 2>&1 | tee "$log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+count '/^fuzz: [a-z_]+: .*, ok$/ { n++ } END { print n + 0 }' '/^fuzz: [a-z_]+: .*FAILED/ { n++ } END { print n + 0 }'
 
 if [ "$status" != 0 ] && [ "$failed" = 0 ]; then
     # A runner failed without counting a test (a build error, say).

@@ -21,6 +21,13 @@ pub const EXIT_INVALID_CONFIG: i32 = 64;
 /// The environment variable prefix.
 pub const ENV_PREFIX: &str = "HERALD";
 
+/// The longest timeout or interval accepted. The node adds each to the
+/// clock, which overflows (a panic) about 292 billion years out.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
+/// The most clock skew `auth.leeway` may allow.
+const MAX_LEEWAY: Duration = Duration::from_secs(86_400);
+
 /// Keys whose environment value is a comma-separated list.
 const LIST_KEYS: &[&str] = &[
     "auth.algorithms",
@@ -591,19 +598,40 @@ impl Config {
         Self::read_with_env(file, std::env::vars().collect())
     }
 
+    /// Reads and validates a configuration given as TOML text, as if from a
+    /// file with no `HERALD_*` environment. For the fuzz target `config`.
+    pub(crate) fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let file = config::File::from_str(text, config::FileFormat::Toml);
+        let config = Self::read_layers(Some(file), HashMap::new())?;
+        config.validate()?;
+        Ok(config)
+    }
+
     fn read_with_env(
         file: Option<&Path>,
         env: HashMap<String, String>,
     ) -> Result<Config, ConfigError> {
-        let mut builder = config::Config::builder();
-        if let Some(file) = file {
-            if !file.exists() {
+        let file = match file {
+            Some(file) if !file.exists() => {
                 return Err(ConfigError::invalid(
                     "--config",
                     format!("file {} does not exist", file.display()),
                 ));
             }
-            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+            Some(file) => Some(config::File::from(file).format(config::FileFormat::Toml)),
+            None => None,
+        };
+        Self::read_layers(file, env)
+    }
+
+    /// Defaults, then `file`, then `env`.
+    fn read_layers<F>(file: Option<F>, env: HashMap<String, String>) -> Result<Config, ConfigError>
+    where
+        F: config::Source + Send + Sync + 'static,
+    {
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            builder = builder.add_source(file);
         }
         let hostname = env.get("HOSTNAME").cloned();
         let prefix = format!("{ENV_PREFIX}_");
@@ -646,6 +674,8 @@ impl Config {
         let positive = |key: &str, value: Duration| {
             if value.is_zero() {
                 Err(ConfigError::invalid(key, "must be greater than zero"))
+            } else if value > MAX_DURATION {
+                Err(ConfigError::invalid(key, "must be at most 365 days"))
             } else {
                 Ok(())
             }
@@ -684,6 +714,11 @@ impl Config {
         positive("broker.subscribe_timeout", self.broker.subscribe_timeout)?;
         positive("broker.command_timeout", self.broker.command_timeout)?;
         positive("broker.reconnect_min", self.broker.reconnect_min)?;
+        positive("broker.reconnect_max", self.broker.reconnect_max)?;
+        if self.auth.leeway > MAX_LEEWAY {
+            // jsonwebtoken computes `now - leeway` in u64.
+            return Err(ConfigError::invalid("auth.leeway", "must be at most 1 day"));
+        }
         if self.broker.reconnect_max < self.broker.reconnect_min {
             return Err(ConfigError::invalid(
                 "broker.reconnect_max",
@@ -801,6 +836,20 @@ impl Config {
                 ));
             }
         }
+        if self
+            .log
+            .level
+            .split(',')
+            .any(|directive| directive.trim() != directive)
+        {
+            // tracing-subscriber 0.3 slices each untrimmed directive with the
+            // trimmed one's indices: a wrong target, or a panic when that
+            // lands inside a character.
+            return Err(ConfigError::invalid(
+                "log.level",
+                "directives must not begin or end with whitespace (write herald=debug,hyper=warn)",
+            ));
+        }
         if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
             return Err(ConfigError::invalid("log.level", error.to_string()));
         }
@@ -910,6 +959,47 @@ mod tests {
         assert!(!text.contains(SECRET));
         assert!(text.contains("<redacted>"));
         assert!(!format!("{config:?}").contains(SECRET));
+    }
+
+    #[test]
+    fn a_log_level_in_whitespace_is_refused_without_a_panic() {
+        // Found by the `config` fuzz target: a directive with a leading tab
+        // and a non-ASCII character made validation panic inside
+        // tracing-subscriber.
+        for level in [
+            "\tx\u{fffd}=debug",
+            "info,\tx\u{fffd}=debug",
+            " info",
+            "info\n",
+        ] {
+            let text = format!("[log]\nlevel = {level:?}\n");
+            let error = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(error.contains("log.level"), "{level:?}: {error}");
+        }
+        assert!(Config::from_toml("[log]\nlevel = \"herald=debug,info\"\n").is_ok());
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        // Both validated before, then broke the node: the first panicked on
+        // `Instant::now() + interval` in every writer, the second made
+        // jsonwebtoken compute `now - leeway` below zero (a panic in debug
+        // builds; in release, every token was expired).
+        let check = |text: &str, key: &str| {
+            let error = Config::from_toml(text).unwrap_err().to_string();
+            assert!(error.contains(key), "{text}: {error}");
+        };
+        check("[ping]\ninterval = \"400000000000y\"\n", "ping.interval");
+        check(
+            "[limits]\nframe_timeout = \"366d\"\n",
+            "limits.frame_timeout",
+        );
+        check("[broker]\nreconnect_max = \"2y\"\n", "broker.reconnect_max");
+        check("[auth]\nleeway = \"100y\"\n", "auth.leeway");
+        check("[auth]\nleeway = \"25h\"\n", "auth.leeway");
+        assert!(
+            Config::from_toml("[auth]\nleeway = \"1d\"\n[ping]\ninterval = \"365d\"\n").is_ok()
+        );
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub mod broker;
 pub mod channel;
 pub mod config;
 mod connection;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 pub mod hub;
 mod inbound;
