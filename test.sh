@@ -47,6 +47,11 @@ cargo test --workspace 2>&1 | tee "$log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 count '/^test result:/ { n += $4 } END { print n + 0 }' '/^test result:/ { n += $6 } END { print n + 0 }'
 
+echo "== The test-only echo endpoint (cargo test --features test-echo --test echo)"
+cargo test --features test-echo --test echo 2>&1 | tee "$log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+count '/^test result:/ { n += $4 } END { print n + 0 }' '/^test result:/ { n += $6 } END { print n + 0 }'
+
 echo "== JavaScript client (clients/js)"
 (cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm test) 2>&1 | tee "$log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
