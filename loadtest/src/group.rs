@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::client::{Attempt, ClientSpec, Connector, Failure, unix_nanos};
+use crate::loss::ChannelOutage;
 use crate::scenario::{connect, fanout, storm};
 use crate::stats::{Micros, Reasons};
 
@@ -62,9 +63,26 @@ impl Slice {
 pub enum Command {
     /// Storm: drop the chosen connections now and reconnect them.
     Drop,
-    /// End the run: close every connection and report. For fanout, how many
-    /// messages were published on each channel (warm-up included).
-    Finish { published_per_channel: Vec<u64> },
+    /// End the run: close every connection and report. For fanout, what was
+    /// published.
+    Finish(Published),
+}
+
+/// What the parent tells fanout groups at the end of a run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Published {
+    /// Messages published per channel, warm-up included: sequence numbers `0..n`.
+    pub per_channel: Vec<u64>,
+    /// Per channel, the messages that never certainly reached the gateway;
+    /// empty unless a fault check needs it.
+    pub outage: Vec<ChannelOutage>,
+}
+
+impl Published {
+    /// Channel `channel`'s outage, when it was sent.
+    pub fn outage_for(&self, channel: u64) -> Option<&ChannelOutage> {
+        self.outage.get(channel as usize)
+    }
 }
 
 /// From a group to the parent.
@@ -82,6 +100,8 @@ pub enum Event {
 }
 
 /// A group's final report.
+// Sent once per group, already boxed in `Event::Report`.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Report {
     Connect(connect::GroupReport),
@@ -163,11 +183,9 @@ impl Control {
     }
 
     /// Waits for [`Command::Finish`], failing on anything else.
-    pub async fn finish(&mut self) -> anyhow::Result<Vec<u64>> {
+    pub async fn finish(&mut self) -> anyhow::Result<Published> {
         match self.next_command().await? {
-            Command::Finish {
-                published_per_channel,
-            } => Ok(published_per_channel),
+            Command::Finish(published) => Ok(published),
             other => bail!("unexpected command {other:?}"),
         }
     }
