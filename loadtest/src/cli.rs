@@ -87,6 +87,9 @@ pub enum Command {
     Slow(SlowArgs),
     /// Drop many subscribed connections at once and reconnect them.
     Storm(StormArgs),
+    /// Connect and disconnect in waves, watching the gateway's memory and
+    /// open-connection metrics for leaks.
+    Churn(ChurnArgs),
     /// Internal: run a slice of the clients for a parent process.
     #[command(hide = true)]
     Worker,
@@ -343,6 +346,43 @@ pub struct StormArgs {
     /// How a connection is dropped.
     #[arg(long, value_enum, default_value_t = DropMode::Rst)]
     pub drop_mode: DropMode,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct ChurnArgs {
+    /// Waves of connections; each wave connects, then disconnects, all of its connections.
+    #[arg(long, default_value_t = 20)]
+    pub waves: usize,
+    /// Connections per wave. The gateway's memory after the first wave is
+    /// the baseline the last wave is compared with.
+    #[arg(long, default_value_t = 10_000)]
+    pub wave_connections: usize,
+    /// Channels each connection subscribes to.
+    #[arg(long, default_value_t = 1)]
+    pub channels_per_conn: usize,
+    /// Distinct channels `load.0 ..`; defaults to --channels-per-conn.
+    #[arg(long)]
+    pub channel_count: Option<usize>,
+    /// New connections per second within a wave.
+    #[arg(long, default_value_t = 5000.0)]
+    pub rate: f64,
+    /// How long each wave's connections stay open once all are attempted
+    /// (the gateway is sampled at the end of it).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    #[serde(serialize_with = "seconds")]
+    pub hold: Duration,
+    /// The pause after each wave's disconnects before the gateway is sampled.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[serde(serialize_with = "seconds")]
+    pub settle: Duration,
+    /// Fail if the gateway's RSS after the last wave exceeds its RSS after
+    /// the first by more than this fraction, with the wave's connections
+    /// open or once they are closed. Needs --pid.
+    #[arg(long)]
+    pub rss_tolerance: Option<f64>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 /// Parses `250ms`, `1.5s`, `2m`, `1h` or a bare number of seconds.

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::client::{Attempt, ClientSpec, Connector, Failure, unix_nanos};
 use crate::loss::ChannelOutage;
-use crate::scenario::{connect, fanout, storm};
+use crate::scenario::{churn, connect, fanout, storm};
 use crate::stats::{Micros, Reasons};
 
 /// How often a group reports its counters.
@@ -40,6 +40,7 @@ pub enum Plan {
     Connect(connect::Plan),
     Fanout(fanout::Plan),
     Storm(storm::Plan),
+    Churn(churn::Plan),
 }
 
 /// The connections of group `group` out of `groups`: global indices `i`
@@ -61,8 +62,11 @@ impl Slice {
 /// From the parent to a group.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Command {
-    /// Storm: drop the chosen connections now and reconnect them.
+    /// Storm: drop the chosen connections now and reconnect them. Churn:
+    /// close the current wave's connections.
     Drop,
+    /// Churn: run wave `n` (connect the wave's connections, then disconnect them).
+    Wave(u64),
     /// End the run: close every connection and report. For fanout, what was
     /// published.
     Finish(Published),
@@ -107,6 +111,7 @@ pub enum Report {
     Connect(connect::GroupReport),
     Fanout(fanout::GroupReport),
     Storm(storm::GroupReport),
+    Churn(churn::GroupReport),
 }
 
 /// Counters for the progress line, shared by a group's connection tasks.
@@ -226,6 +231,9 @@ async fn run_plan(spec: GroupSpec, control: Control) -> anyhow::Result<Report> {
         ),
         Plan::Storm(plan) => {
             Report::Storm(storm::run_group(plan, spec.slice, connector, control).await?)
+        }
+        Plan::Churn(plan) => {
+            Report::Churn(churn::run_group(plan, spec.slice, connector, control).await?)
         }
     })
 }

@@ -379,6 +379,21 @@ impl Watch {
         self.after = self.scrape_all().await;
     }
 
+    /// The sum of `name` over the latest scrape of every URL, if all succeeded.
+    pub fn latest(&self, name: &str) -> Option<f64> {
+        let scrapes = if self.after.is_empty() {
+            &self.before
+        } else {
+            &self.after
+        };
+        let total: Option<f64> = scrapes
+            .iter()
+            .map(|samples| samples.as_ref().map(|samples| samples.sum(name, &[])))
+            .sum();
+        // A float sum starts at -0.0.
+        total.map(|total| total + 0.0)
+    }
+
     pub fn check(&self, expectations: &[Expectation]) -> Vec<ExpectationOutcome> {
         expectations
             .iter()

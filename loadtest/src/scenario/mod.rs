@@ -3,6 +3,7 @@
 //! gateway, building the summary), and `run_group`, which each client group
 //! executes.
 
+pub mod churn;
 pub mod connect;
 pub mod fanout;
 pub mod storm;
