@@ -90,6 +90,9 @@ pub enum Command {
     /// Connect and disconnect in waves, watching the gateway's memory and
     /// open-connection metrics for leaks.
     Churn(ChurnArgs),
+    /// Stop one gateway with SIGTERM while its clients reconnect to the
+    /// others: the reconnect rate the others see.
+    Drain(DrainArgs),
     /// Internal: run a slice of the clients for a parent process.
     #[command(hide = true)]
     Worker,
@@ -380,6 +383,44 @@ pub struct ChurnArgs {
     /// open or once they are closed. Needs --pid.
     #[arg(long)]
     pub rss_tolerance: Option<f64>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub metrics: MetricsArgs,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct DrainArgs {
+    /// Connections opened to the gateways of --url (the one to stop).
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+    /// Channels each connection subscribes to.
+    #[arg(long, default_value_t = 1)]
+    pub channels_per_conn: usize,
+    /// Distinct channels `load.0 ..`; defaults to --channels-per-conn.
+    #[arg(long)]
+    pub channel_count: Option<usize>,
+    /// New connections per second while establishing.
+    #[arg(long, default_value_t = 2000.0)]
+    pub connect_rate: f64,
+    /// Where a closed connection reconnects (repeatable): connection `i`
+    /// uses URL `i mod n`.
+    #[arg(long = "reconnect-url", value_name = "URL", required = true)]
+    pub reconnect_urls: Vec<String>,
+    /// The gateway to stop with SIGTERM once every connection is up.
+    #[arg(long, value_name = "PID")]
+    pub signal_pid: u32,
+    /// Reconnect attempts per connection, with exponential backoff from
+    /// 100 ms (plus jitter) between them.
+    #[arg(long, default_value_t = 5)]
+    pub attempts: u32,
+    /// Fail if any 200 ms window holds more than this many times the mean
+    /// number of reconnects per 200 ms over the drain.
+    #[arg(long)]
+    pub max_window_ratio: Option<f64>,
+    /// Fail unless the stopped gateway exits within this long of the signal.
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(serialize_with = "optional_seconds")]
+    pub exit_within: Option<Duration>,
     #[command(flatten)]
     #[serde(flatten)]
     pub metrics: MetricsArgs,

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::client::{Attempt, ClientSpec, Connector, Failure, unix_nanos};
 use crate::loss::ChannelOutage;
-use crate::scenario::{churn, connect, fanout, storm};
+use crate::scenario::{churn, connect, drain, fanout, storm};
 use crate::stats::{Micros, Reasons};
 
 /// How often a group reports its counters.
@@ -41,6 +41,7 @@ pub enum Plan {
     Fanout(fanout::Plan),
     Storm(storm::Plan),
     Churn(churn::Plan),
+    Drain(drain::Plan),
 }
 
 /// The connections of group `group` out of `groups`: global indices `i`
@@ -112,6 +113,7 @@ pub enum Report {
     Fanout(fanout::GroupReport),
     Storm(storm::GroupReport),
     Churn(churn::GroupReport),
+    Drain(drain::GroupReport),
 }
 
 /// Counters for the progress line, shared by a group's connection tasks.
@@ -235,6 +237,9 @@ async fn run_plan(spec: GroupSpec, control: Control) -> anyhow::Result<Report> {
         Plan::Churn(plan) => {
             Report::Churn(churn::run_group(plan, spec.slice, connector, control).await?)
         }
+        Plan::Drain(plan) => Report::Drain(
+            drain::run_group(plan, spec.slice, connector, &spec.clients, control).await?,
+        ),
     })
 }
 

@@ -3,9 +3,9 @@
 //!
 //! A tour of the crate:
 //! - [`cli`]: the command line; one subcommand per scenario.
-//! - [`scenario`]: `connect`, `fanout` (and `slow`), `storm`, `churn`; each
-//!   module holds the parent's side and the client group's side of its
-//!   scenario.
+//! - [`scenario`]: `connect`, `fanout` (and `slow`), `storm`, `churn`,
+//!   `drain`; each module holds the parent's side and the client group's
+//!   side of its scenario.
 //! - [`group`]: a slice of the clients and the messages between it and the parent.
 //! - [`worker`]: running groups in this process or in worker processes.
 //! - [`client`]: one connection: TCP from a chosen source, upgrade, subscribe, failures.
@@ -42,7 +42,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::cli::{Cli, Command};
-use crate::scenario::{churn, connect, fanout, storm};
+use crate::scenario::{churn, connect, drain, fanout, storm};
 
 /// How long leftover tasks (such as a pending stdin read) may delay exit.
 const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(1);
@@ -76,6 +76,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Slow(args) => fanout::run(global, &args.fanout, Some(args.slow_fraction)).await?,
         Command::Storm(args) => storm::run(global, args).await?,
         Command::Churn(args) => churn::run(global, args).await?,
+        Command::Drain(args) => drain::run(global, args).await?,
     };
     summary.emit(global.json.as_deref())?;
     let failed = summary.failed_checks();

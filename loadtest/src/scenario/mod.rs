@@ -5,6 +5,7 @@
 
 pub mod churn;
 pub mod connect;
+pub mod drain;
 pub mod fanout;
 pub mod storm;
 

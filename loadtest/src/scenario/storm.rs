@@ -430,7 +430,7 @@ async fn reconnect(
 }
 
 /// The pause after failed attempt `attempt` (1-based) of connection `index`.
-fn backoff(attempt: u32, index: u64) -> Duration {
+pub fn backoff(attempt: u32, index: u64) -> Duration {
     let exponential = FIRST_BACKOFF * 2u32.saturating_pow(attempt.saturating_sub(1).min(10));
     // A multiplicative hash of the index spreads connections over the jitter window.
     let jitter = (index.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % BACKOFF_JITTER_MS;
