@@ -7,6 +7,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::{Serialize, Serializer};
 
+use crate::scrape::Expectation;
+
 /// The default subscribe request; `{channel}` is replaced per channel.
 pub const DEFAULT_SUBSCRIBE_FRAME: &str = r#"{"op":"subscribe","id":1,"channels":["{channel}"]}"#;
 
@@ -85,6 +87,12 @@ pub enum Command {
     Slow(SlowArgs),
     /// Drop many subscribed connections at once and reconnect them.
     Storm(StormArgs),
+    /// Connect and disconnect in waves, watching the gateway's memory and
+    /// open-connection metrics for leaks.
+    Churn(ChurnArgs),
+    /// Stop one gateway with SIGTERM while its clients reconnect to the
+    /// others: the reconnect rate the others see.
+    Drain(DrainArgs),
     /// Internal: run a slice of the clients for a parent process.
     #[command(hide = true)]
     Worker,
@@ -170,8 +178,131 @@ pub struct FanoutArgs {
     /// New subscriber connections per second while setting up.
     #[arg(long, default_value_t = 2000.0)]
     pub connect_rate: f64,
+    /// A frame containing this is a `gap` notice (messages may have been lost).
+    #[arg(long, default_value = r#""type":"gap""#)]
+    pub gap_match: String,
     #[command(flatten)]
     pub publisher: PublishArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub faults: FaultArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub metrics: MetricsArgs,
+}
+
+/// Faults injected while `fanout` or `slow` measures, attackers beside the
+/// subscribers, and the assertions that decide the exit status.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct FaultArgs {
+    /// Run `CLIENT KILL TYPE pubsub` on Redis every DURATION while publishing
+    /// after the warm-up, killing every gateway's subscriber connection.
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(serialize_with = "optional_seconds")]
+    pub kill_pubsub_every: Option<Duration>,
+    /// Redis for --kill-pubsub-every; defaults to --redis-url.
+    #[arg(long)]
+    #[serde(skip)]
+    pub fault_redis_url: Option<String>,
+    /// `AT=COMMAND`: run COMMAND with `sh -c` AT after the measurement starts,
+    /// e.g. `5s=kill -9 1234`. Repeatable.
+    #[arg(long = "fault-exec", value_name = "AT=COMMAND", value_parser = parse_timed_command)]
+    pub fault_exec: Vec<TimedCommand>,
+    /// Send SIGTERM to every --pid this long after the measurement starts,
+    /// and time how long each takes to exit.
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(serialize_with = "optional_seconds")]
+    pub sigterm_at: Option<Duration>,
+    /// Fail unless every process signalled by --sigterm-at exits within this
+    /// long of the signal.
+    #[arg(long, value_parser = parse_duration, requires = "sigterm_at")]
+    #[serde(serialize_with = "optional_seconds")]
+    pub exit_within: Option<Duration>,
+    /// Stalled readers: extra subscribers (beyond --subscribers) that never
+    /// read, with a small receive buffer, so that they stall at once.
+    #[arg(long, default_value_t = 0)]
+    pub stalled: usize,
+    /// SO_RCVBUF of each stalled reader, in bytes.
+    #[arg(long, default_value_t = 4096)]
+    pub stalled_rcvbuf: u32,
+    /// Slowloris sockets: each sends an upgrade request head one byte at a
+    /// time and never finishes it; reopened whenever the gateway closes it.
+    #[arg(long, default_value_t = 0)]
+    pub slowloris: usize,
+    /// The pause between two bytes of a slowloris socket.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[serde(serialize_with = "seconds")]
+    pub slowloris_interval: Duration,
+    /// An assertion on the outcome; the tool exits 1 if any fails. Repeatable.
+    #[arg(long = "check", value_enum)]
+    pub checks: Vec<Check>,
+}
+
+/// What `--check` can assert about a `fanout` or `slow` run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Check {
+    /// Nothing missing, duplicated or reordered, and no subscriber lost its connection.
+    Lossless,
+    /// Every subscriber missed exactly the messages that never reached the
+    /// gateway (refused, failed, or heard by no subscriber in Redis), except
+    /// ones whose publish failed after it was sent, which may have run, and
+    /// heard ones freed with a killed connection where an announced outage
+    /// begins; and nothing was duplicated or reordered.
+    LossOnlyInOutage,
+    /// Every run of missing messages was followed by a `gap` notice.
+    LossAnnounced,
+    /// Every subscriber that reads received at least one `gap`.
+    GapEverySubscriber,
+    /// Every subscriber received a `gap` for each `CLIENT KILL` that killed a connection.
+    GapPerKill,
+    /// No subscriber that reads lost its connection.
+    NoDisconnects,
+    /// Each subscriber received a gapless prefix of its channel's messages,
+    /// including every message acknowledged before the --sigterm-at signal:
+    /// what was queued was flushed before the close.
+    FlushedBeforeClose,
+    /// Every subscriber that reads was closed by the gateway with 1001.
+    #[value(name = "closed-1001")]
+    #[serde(rename = "closed-1001")]
+    Closed1001,
+}
+
+/// `--metrics-url` and `--expect-metric`.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct MetricsArgs {
+    /// A gateway's Prometheus endpoint (`http://HOST:PORT/metrics`), scraped
+    /// before and after the run. Repeatable; expectations sum over them.
+    #[arg(long = "metrics-url", value_name = "URL")]
+    pub metrics_urls: Vec<String>,
+    /// An assertion on the gateways' metrics, `[increase(]NAME[{label="v"}][)]`
+    /// then an operator (`>=`, `<=`, `==`, `>` or `<`) and a number: on the
+    /// last scrape, or on the increase between the two. The tool exits 1 if
+    /// any fails. Repeatable.
+    #[arg(long = "expect-metric", value_name = "EXPR")]
+    pub expect_metrics: Vec<Expectation>,
+}
+
+/// A shell command and when to run it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TimedCommand {
+    #[serde(serialize_with = "seconds")]
+    pub at: Duration,
+    pub command: String,
+}
+
+/// Parses `AT=COMMAND`.
+pub fn parse_timed_command(text: &str) -> Result<TimedCommand, String> {
+    let (at, command) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected AT=COMMAND, e.g. 5s=kill -9 1234"))?;
+    if command.trim().is_empty() {
+        return Err(format!("{text:?}: the command is empty"));
+    }
+    Ok(TimedCommand {
+        at: parse_duration(at)?,
+        command: command.to_owned(),
+    })
 }
 
 #[derive(Debug, Clone, Args, Serialize)]
@@ -220,6 +351,81 @@ pub struct StormArgs {
     pub drop_mode: DropMode,
 }
 
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct ChurnArgs {
+    /// Waves of connections; each wave connects, then disconnects, all of its connections.
+    #[arg(long, default_value_t = 20)]
+    pub waves: usize,
+    /// Connections per wave. The gateway's memory after the first wave is
+    /// the baseline the last wave is compared with.
+    #[arg(long, default_value_t = 10_000)]
+    pub wave_connections: usize,
+    /// Channels each connection subscribes to.
+    #[arg(long, default_value_t = 1)]
+    pub channels_per_conn: usize,
+    /// Distinct channels `load.0 ..`; defaults to --channels-per-conn.
+    #[arg(long)]
+    pub channel_count: Option<usize>,
+    /// New connections per second within a wave.
+    #[arg(long, default_value_t = 5000.0)]
+    pub rate: f64,
+    /// How long each wave's connections stay open once all are attempted
+    /// (the gateway is sampled at the end of it).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    #[serde(serialize_with = "seconds")]
+    pub hold: Duration,
+    /// The pause after each wave's disconnects before the gateway is sampled.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[serde(serialize_with = "seconds")]
+    pub settle: Duration,
+    /// Fail if the gateway's RSS after the last wave exceeds its RSS after
+    /// the first by more than this fraction, with the wave's connections
+    /// open or once they are closed. Needs --pid.
+    #[arg(long)]
+    pub rss_tolerance: Option<f64>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub metrics: MetricsArgs,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct DrainArgs {
+    /// Connections opened to the gateways of --url (the one to stop).
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+    /// Channels each connection subscribes to.
+    #[arg(long, default_value_t = 1)]
+    pub channels_per_conn: usize,
+    /// Distinct channels `load.0 ..`; defaults to --channels-per-conn.
+    #[arg(long)]
+    pub channel_count: Option<usize>,
+    /// New connections per second while establishing.
+    #[arg(long, default_value_t = 2000.0)]
+    pub connect_rate: f64,
+    /// Where a closed connection reconnects (repeatable): connection `i`
+    /// uses URL `i mod n`.
+    #[arg(long = "reconnect-url", value_name = "URL", required = true)]
+    pub reconnect_urls: Vec<String>,
+    /// The gateway to stop with SIGTERM once every connection is up.
+    #[arg(long, value_name = "PID")]
+    pub signal_pid: u32,
+    /// Reconnect attempts per connection, with exponential backoff from
+    /// 100 ms (plus jitter) between them.
+    #[arg(long, default_value_t = 5)]
+    pub attempts: u32,
+    /// Fail if any 200 ms window holds more than this many times the mean
+    /// number of reconnects per 200 ms over the drain.
+    #[arg(long)]
+    pub max_window_ratio: Option<f64>,
+    /// Fail unless the stopped gateway exits within this long of the signal.
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(serialize_with = "optional_seconds")]
+    pub exit_within: Option<Duration>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub metrics: MetricsArgs,
+}
+
 /// Parses `250ms`, `1.5s`, `2m`, `1h` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -243,6 +449,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn seconds<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_f64(duration.as_secs_f64())
+}
+
+fn optional_seconds<S: Serializer>(
+    duration: &Option<Duration>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match duration {
+        Some(duration) => serializer.serialize_f64(duration.as_secs_f64()),
+        None => serializer.serialize_none(),
+    }
 }
 
 #[cfg(test)]
@@ -290,6 +506,62 @@ mod tests {
         };
         assert_eq!(fanout.duration, Duration::from_secs(1));
         assert_eq!(fanout.warmup, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn timed_commands() {
+        assert_eq!(
+            parse_timed_command("5s=kill -9 12"),
+            Ok(TimedCommand {
+                at: Duration::from_secs(5),
+                command: "kill -9 12".to_owned()
+            })
+        );
+        assert_eq!(
+            parse_timed_command("1.5s=a=b").unwrap().command,
+            "a=b".to_owned()
+        );
+        assert!(parse_timed_command("5s").is_err());
+        assert!(parse_timed_command("5s= ").is_err());
+        assert!(parse_timed_command("soon=true").is_err());
+    }
+
+    #[test]
+    fn fault_options_parse() {
+        let cli = Cli::try_parse_from([
+            "herald-loadtest",
+            "fanout",
+            "--url",
+            "ws://127.0.0.1:1/ws",
+            "--redis-url",
+            "redis://127.0.0.1:2",
+            "--kill-pubsub-every",
+            "2s",
+            "--fault-exec",
+            "3s=true",
+            "--check",
+            "loss-only-in-outage",
+            "--check",
+            "closed-1001",
+            "--expect-metric",
+            "increase(herald_broker_reconnects_total)>=1",
+        ])
+        .unwrap();
+        let Command::Fanout(fanout) = cli.command else {
+            panic!("expected fanout");
+        };
+        assert_eq!(
+            fanout.faults.kill_pubsub_every,
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            fanout.faults.checks,
+            [Check::LossOnlyInOutage, Check::Closed1001]
+        );
+        assert_eq!(fanout.metrics.expect_metrics.len(), 1);
+        let json = serde_json::to_value(&fanout).unwrap();
+        assert_eq!(json["kill_pubsub_every"], 2.0);
+        assert_eq!(json["checks"][1], "closed-1001");
     }
 
     #[test]

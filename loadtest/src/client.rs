@@ -239,27 +239,67 @@ impl Connector {
     /// Connects client `index` and subscribes it to `channels`, within the
     /// connect timeout.
     pub async fn open(&self, index: u64, channels: &[String]) -> Attempt {
+        self.open_with(index, channels, None).await
+    }
+
+    /// Like [`Connector::open`], with the socket's receive buffer
+    /// (`SO_RCVBUF`) set to `recv_buffer` bytes before connecting, if given.
+    pub async fn open_with(
+        &self,
+        index: u64,
+        channels: &[String],
+        recv_buffer: Option<u32>,
+    ) -> Attempt {
         let start = Instant::now();
         let deadline = start + self.timeout;
         let mut upgrade = None;
         let result = self
-            .try_open(index, channels, start, deadline, &mut upgrade)
+            .try_open(index, channels, recv_buffer, start, deadline, &mut upgrade)
             .await;
         Attempt { upgrade, result }
+    }
+
+    /// A plain TCP connection for client `index`, from its source address to
+    /// its gateway, within the connect timeout; nothing is sent.
+    pub async fn connect_raw(&self, index: u64) -> Result<TcpStream, Failure> {
+        let target = &self.targets[index as usize % self.targets.len()];
+        timeout(self.timeout, self.tcp_connect(index, target.address, None))
+            .await
+            .map_err(|_| Failure::Timeout(Stage::Tcp))?
+    }
+
+    /// The start of an upgrade request for client `index`'s gateway, without
+    /// the blank line that would end it.
+    pub fn unfinished_request_head(&self, index: u64) -> String {
+        let target = &self.targets[index as usize % self.targets.len()];
+        let path = target
+            .url
+            .parse::<Uri>()
+            .ok()
+            .and_then(|uri| uri.path_and_query().map(|path| path.to_string()))
+            .unwrap_or_else(|| "/".to_owned());
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nX-Slow: ",
+            target.address
+        )
     }
 
     async fn try_open(
         &self,
         index: u64,
         channels: &[String],
+        recv_buffer: Option<u32>,
         start: Instant,
         deadline: Instant,
         upgrade: &mut Option<Upgrade>,
     ) -> Result<Session, Failure> {
         let target = &self.targets[index as usize % self.targets.len()];
-        let stream = timeout_at(deadline, self.tcp_connect(index, target.address))
-            .await
-            .map_err(|_| Failure::Timeout(Stage::Tcp))??;
+        let stream = timeout_at(
+            deadline,
+            self.tcp_connect(index, target.address, recv_buffer),
+        )
+        .await
+        .map_err(|_| Failure::Timeout(Stage::Tcp))??;
         let request = self.request_url(index, &target.url)?;
         let (mut ws, _response) = timeout_at(
             deadline,
@@ -282,7 +322,12 @@ impl Connector {
         })
     }
 
-    async fn tcp_connect(&self, index: u64, address: SocketAddr) -> Result<TcpStream, Failure> {
+    async fn tcp_connect(
+        &self,
+        index: u64,
+        address: SocketAddr,
+        recv_buffer: Option<u32>,
+    ) -> Result<TcpStream, Failure> {
         let io = |error: std::io::Error| Failure::Io(error.kind());
         let socket = if address.is_ipv4() {
             TcpSocket::new_v4()
@@ -290,6 +335,11 @@ impl Connector {
             TcpSocket::new_v6()
         }
         .map_err(io)?;
+        if let Some(bytes) = recv_buffer {
+            // Set before connecting, so that the window offered in the
+            // handshake is already small.
+            socket.set_recv_buffer_size(bytes).map_err(io)?;
+        }
         if !self.sources.is_empty() {
             let source = self.sources[index as usize % self.sources.len()];
             // Without IP_BIND_ADDRESS_NO_PORT, bind() picks the port itself by

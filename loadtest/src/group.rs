@@ -16,7 +16,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::client::{Attempt, ClientSpec, Connector, Failure, unix_nanos};
-use crate::scenario::{connect, fanout, storm};
+use crate::loss::ChannelOutage;
+use crate::scenario::{churn, connect, drain, fanout, storm};
 use crate::stats::{Micros, Reasons};
 
 /// How often a group reports its counters.
@@ -39,6 +40,8 @@ pub enum Plan {
     Connect(connect::Plan),
     Fanout(fanout::Plan),
     Storm(storm::Plan),
+    Churn(churn::Plan),
+    Drain(drain::Plan),
 }
 
 /// The connections of group `group` out of `groups`: global indices `i`
@@ -60,11 +63,31 @@ impl Slice {
 /// From the parent to a group.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Command {
-    /// Storm: drop the chosen connections now and reconnect them.
+    /// Storm: drop the chosen connections now and reconnect them. Churn:
+    /// close the current wave's connections.
     Drop,
-    /// End the run: close every connection and report. For fanout, how many
-    /// messages were published on each channel (warm-up included).
-    Finish { published_per_channel: Vec<u64> },
+    /// Churn: run wave `n` (connect the wave's connections, then disconnect them).
+    Wave(u64),
+    /// End the run: close every connection and report. For fanout, what was
+    /// published.
+    Finish(Published),
+}
+
+/// What the parent tells fanout groups at the end of a run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Published {
+    /// Messages published per channel, warm-up included: sequence numbers `0..n`.
+    pub per_channel: Vec<u64>,
+    /// Per channel, the messages that never certainly reached the gateway;
+    /// empty unless a fault check needs it.
+    pub outage: Vec<ChannelOutage>,
+}
+
+impl Published {
+    /// Channel `channel`'s outage, when it was sent.
+    pub fn outage_for(&self, channel: u64) -> Option<&ChannelOutage> {
+        self.outage.get(channel as usize)
+    }
 }
 
 /// From a group to the parent.
@@ -82,11 +105,15 @@ pub enum Event {
 }
 
 /// A group's final report.
+// Sent once per group, already boxed in `Event::Report`.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Report {
     Connect(connect::GroupReport),
     Fanout(fanout::GroupReport),
     Storm(storm::GroupReport),
+    Churn(churn::GroupReport),
+    Drain(drain::GroupReport),
 }
 
 /// Counters for the progress line, shared by a group's connection tasks.
@@ -163,11 +190,9 @@ impl Control {
     }
 
     /// Waits for [`Command::Finish`], failing on anything else.
-    pub async fn finish(&mut self) -> anyhow::Result<Vec<u64>> {
+    pub async fn finish(&mut self) -> anyhow::Result<Published> {
         match self.next_command().await? {
-            Command::Finish {
-                published_per_channel,
-            } => Ok(published_per_channel),
+            Command::Finish(published) => Ok(published),
             other => bail!("unexpected command {other:?}"),
         }
     }
@@ -209,6 +234,12 @@ async fn run_plan(spec: GroupSpec, control: Control) -> anyhow::Result<Report> {
         Plan::Storm(plan) => {
             Report::Storm(storm::run_group(plan, spec.slice, connector, control).await?)
         }
+        Plan::Churn(plan) => {
+            Report::Churn(churn::run_group(plan, spec.slice, connector, control).await?)
+        }
+        Plan::Drain(plan) => Report::Drain(
+            drain::run_group(plan, spec.slice, connector, &spec.clients, control).await?,
+        ),
     })
 }
 

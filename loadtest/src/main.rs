@@ -3,27 +3,36 @@
 //!
 //! A tour of the crate:
 //! - [`cli`]: the command line; one subcommand per scenario.
-//! - [`scenario`]: `connect`, `fanout` (and `slow`), `storm`; each module
-//!   holds the parent's side and the client group's side of its scenario.
+//! - [`scenario`]: `connect`, `fanout` (and `slow`), `storm`, `churn`,
+//!   `drain`; each module holds the parent's side and the client group's
+//!   side of its scenario.
 //! - [`group`]: a slice of the clients and the messages between it and the parent.
 //! - [`worker`]: running groups in this process or in worker processes.
 //! - [`client`]: one connection: TCP from a chosen source, upgrade, subscribe, failures.
-//! - [`publisher`]: the open-loop publisher over HTTP or Redis.
+//! - [`publisher`]: the open-loop publisher over HTTP or Redis, and each message's fate.
+//! - [`fault`]: faults injected while measuring (`CLIENT KILL`, commands, SIGTERM).
+//! - [`loss`]: a subscriber's losses judged against the outage; `gap` notices.
+//! - [`slowloris`]: sockets that never finish their request head.
+//! - [`scrape`]: the gateways' `/metrics` and `--expect-metric`.
 //! - [`scan`]: cheap integer-field lookup in received frames.
 //! - [`stats`]: histograms, counts by reason, sequence tracking.
 //! - [`proc`]: gateway memory and CPU from `/proc`.
-//! - [`report`]: the table on stdout and the JSON summary.
+//! - [`report`]: the table on stdout, the JSON summary, and the checks.
 
 #![forbid(unsafe_code)]
 
 mod cli;
 mod client;
+mod fault;
 mod group;
+mod loss;
 mod proc;
 mod publisher;
 mod report;
 mod scan;
 mod scenario;
+mod scrape;
+mod slowloris;
 mod stats;
 mod worker;
 
@@ -33,7 +42,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::cli::{Cli, Command};
-use crate::scenario::{connect, fanout, storm};
+use crate::scenario::{churn, connect, drain, fanout, storm};
 
 /// How long leftover tasks (such as a pending stdin read) may delay exit.
 const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(1);
@@ -66,6 +75,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fanout(args) => fanout::run(global, args, None).await?,
         Command::Slow(args) => fanout::run(global, &args.fanout, Some(args.slow_fraction)).await?,
         Command::Storm(args) => storm::run(global, args).await?,
+        Command::Churn(args) => churn::run(global, args).await?,
+        Command::Drain(args) => drain::run(global, args).await?,
     };
-    summary.emit(global.json.as_deref())
+    summary.emit(global.json.as_deref())?;
+    let failed = summary.failed_checks();
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "{} of {} checks failed: {}",
+            failed.len(),
+            summary.checks.len(),
+            failed.join(", ")
+        );
+    }
+    Ok(())
 }

@@ -22,6 +22,9 @@ pub struct Gateway {
 pub struct Sample {
     /// Sum of `VmRSS`, in bytes.
     pub rss_bytes: u64,
+    /// Sum of `RssAnon`, in bytes: the heap and other anonymous memory,
+    /// without the executable's and libraries' pages.
+    pub rss_anon_bytes: u64,
     /// Sum of user and system CPU time, in clock ticks.
     pub cpu_ticks: u64,
 }
@@ -69,6 +72,7 @@ impl Gateway {
         }
         let mut total = Sample {
             rss_bytes: 0,
+            rss_anon_bytes: 0,
             cpu_ticks: 0,
         };
         for pid in &self.pids {
@@ -76,13 +80,14 @@ impl Gateway {
                 .with_context(|| format!("reading /proc/{pid}/status (is --pid {pid} running?)"))?;
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .with_context(|| format!("reading /proc/{pid}/stat"))?;
-            let Some(rss) = rss_bytes(&status) else {
+            let Some(rss) = status_bytes(&status, "VmRSS:") else {
                 bail!("no VmRSS in /proc/{pid}/status");
             };
             let Some(ticks) = cpu_ticks(&stat) else {
                 bail!("unexpected format of /proc/{pid}/stat");
             };
             total.rss_bytes += rss;
+            total.rss_anon_bytes += status_bytes(&status, "RssAnon:").unwrap_or(0);
             total.cpu_ticks += ticks;
         }
         Ok(Some(total))
@@ -98,9 +103,9 @@ impl Gateway {
     }
 }
 
-/// `VmRSS:   1234 kB` from `/proc/PID/status`, in bytes.
-fn rss_bytes(status: &str) -> Option<u64> {
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+/// A line such as `VmRSS:   1234 kB` from `/proc/PID/status`, in bytes.
+fn status_bytes(status: &str, field: &str) -> Option<u64> {
+    let line = status.lines().find(|line| line.starts_with(field))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
@@ -123,9 +128,10 @@ mod tests {
 
     #[test]
     fn parses_rss() {
-        let status = "Name:\therald\nVmPeak:\t  999 kB\nVmRSS:\t   2048 kB\nThreads:\t3\n";
-        assert_eq!(rss_bytes(status), Some(2048 * 1024));
-        assert_eq!(rss_bytes("Name:\tx\n"), None);
+        let status = "Name:\therald\nVmPeak:\t  999 kB\nVmRSS:\t   2048 kB\nRssAnon:\t  1024 kB\nThreads:\t3\n";
+        assert_eq!(status_bytes(status, "VmRSS:"), Some(2048 * 1024));
+        assert_eq!(status_bytes(status, "RssAnon:"), Some(1024 * 1024));
+        assert_eq!(status_bytes("Name:\tx\n", "VmRSS:"), None);
     }
 
     #[test]
@@ -148,10 +154,12 @@ mod tests {
     fn usage_over_a_window() {
         let before = Sample {
             rss_bytes: 1000,
+            rss_anon_bytes: 500,
             cpu_ticks: 100,
         };
         let after = Sample {
             rss_bytes: 3000,
+            rss_anon_bytes: 700,
             cpu_ticks: 150,
         };
         let usage = Usage::between(before, after);

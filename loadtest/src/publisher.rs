@@ -8,8 +8,15 @@
 //! multiplexed Redis connection sending `PUBLISH`. If a sink falls behind, the
 //! hand-off blocks, the schedule slips, and because `ts` is the intended time
 //! the delay shows up in the measured latency instead of being hidden.
+//!
+//! Every message's fate is recorded ([`Fate`]): accepted (with Redis, by how
+//! many subscribers), refused, or uncertain. The fault scenarios compare
+//! each subscriber's missing messages with the ones that never reached the
+//! gateway. The Redis sink reconnects after its connection is lost, so a
+//! publisher outlives a Redis restart.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -34,6 +41,14 @@ const WRITE_BATCH_BYTES: usize = 64 * 1024;
 const REDIS_IN_FLIGHT: usize = 8192;
 /// How long to wait for outstanding acknowledgements after the last message.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one `PUBLISH` may wait for its reply. Longer than a Redis pause
+/// a fault scenario applies, so that a paused publish is not counted as failed.
+const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a (re)connection to Redis may take.
+const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The least time between two reconnection attempts of the Redis sink; in
+/// between, messages are refused at once so that the schedule keeps going.
+const REDIS_RECONNECT_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Where and how to publish.
 #[derive(Debug, Clone)]
@@ -62,6 +77,7 @@ pub struct ApiTarget {
 /// A Redis server the gateways subscribe to.
 #[derive(Debug, Clone)]
 pub struct RedisTarget {
+    /// Kept for reconnecting after the connection is lost.
     url: String,
     /// Prepended to channel names, like the gateways' `broker.channel_prefix`.
     prefix: String,
@@ -91,9 +107,57 @@ pub struct PublishReport {
     pub errors: Reasons,
     /// Messages handed off per channel; sequence numbers `0..n` were used.
     pub sent_per_channel: Vec<u64>,
+    /// What became of each message: `records[channel][seq]`.
+    pub records: Vec<Vec<Record>>,
+    /// Accepted messages that Redis delivered to nobody (`PUBLISH` answered 0).
+    pub unheard: u64,
     /// The worst delay between a message's intended time and its hand-off.
     pub max_lag: Duration,
 }
+
+/// What became of one message, as far as the publisher can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fate {
+    /// No answer came before the run ended.
+    #[default]
+    Unanswered,
+    /// Accepted: an HTTP 2xx (`receivers` unknown), or Redis's reply to
+    /// `PUBLISH`: how many subscribers, that is gateway nodes, received it.
+    Accepted { receivers: Option<u64> },
+    /// Refused before it could run: an HTTP 4xx, or no connection to send it on.
+    Refused,
+    /// Failed after it was sent, so it may have run: an I/O error, a
+    /// timeout, or an HTTP 5xx (herald answers 503 when its own `PUBLISH`
+    /// failed, which Redis may have run).
+    Uncertain,
+}
+
+impl Fate {
+    /// Whether the message certainly reached the gateways: accepted, and
+    /// (with Redis) heard by at least one subscriber.
+    pub fn reached(self) -> bool {
+        match self {
+            Fate::Accepted { receivers } => receivers != Some(0),
+            Fate::Unanswered | Fate::Refused | Fate::Uncertain => false,
+        }
+    }
+
+    /// Whether it is unknown if the message reached the gateways.
+    pub fn uncertain(self) -> bool {
+        matches!(self, Fate::Unanswered | Fate::Uncertain)
+    }
+}
+
+/// One message's fate and when it was settled.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Record {
+    pub fate: Fate,
+    /// When the answer or the failure came, in unix nanoseconds; 0 while unanswered.
+    pub settled_at_unix_nanos: i64,
+}
+
+/// A message's place: its channel index and sequence number.
+type Slot = (usize, u64);
 
 /// One connection's share of the work and what came of it.
 struct Sink {
@@ -105,11 +169,32 @@ struct Sink {
 struct SinkReport {
     acknowledged: u64,
     errors: Reasons,
+    /// Fates of the messages this sink settled.
+    settled: Vec<(Slot, Record)>,
+}
+
+impl SinkReport {
+    fn settle(&mut self, slot: Slot, fate: Fate) {
+        self.settled.push((
+            slot,
+            Record {
+                fate,
+                settled_at_unix_nanos: unix_nanos(),
+            },
+        ));
+    }
+
+    fn merge(&mut self, other: SinkReport) {
+        self.acknowledged += other.acknowledged;
+        self.errors.merge(&other.errors);
+        self.settled.extend(other.settled);
+    }
 }
 
 /// One message on its way to a sink.
 struct Outgoing {
     channel: usize,
+    seq: u64,
     payload: Vec<u8>,
 }
 
@@ -199,11 +284,7 @@ impl Publisher {
             Publisher::Redis(target) => {
                 let client =
                     redis::Client::open(target.url.as_str()).context("invalid --redis-url")?;
-                let config = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(5)))
-                    .set_response_timeout(Some(ACK_TIMEOUT));
-                let connection = client
-                    .get_multiplexed_async_connection_with_config(&config)
+                let connection = redis_connect(&client)
                     .await
                     .context("connecting to Redis")?;
                 let names: Vec<String> = channels
@@ -211,7 +292,7 @@ impl Publisher {
                     .map(|channel| format!("{}{channel}", target.prefix))
                     .collect();
                 let (queue, receiver) = mpsc::channel(SINK_QUEUE);
-                let done = tokio::spawn(redis_connection(connection, names, receiver));
+                let done = tokio::spawn(redis_connection(client, connection, names, receiver));
                 vec![Sink { queue, done }]
             }
         };
@@ -233,13 +314,32 @@ impl Connected {
             .into_iter()
             .map(|sink| (sink.queue, sink.done))
             .unzip();
-        let mut report = tokio::task::spawn_blocking(move || keep_schedule(&schedule, queues))
-            .await
-            .context("the publisher's schedule thread failed")?;
+        let (mut report, refused) =
+            tokio::task::spawn_blocking(move || keep_schedule(&schedule, queues))
+                .await
+                .context("the publisher's schedule thread failed")?;
+        let mut settled = refused;
         for sink in done {
-            let sink = sink.await.context("a publisher connection task failed")?;
-            report.acknowledged += sink.acknowledged;
-            report.errors.merge(&sink.errors);
+            settled.merge(sink.await.context("a publisher connection task failed")?);
+        }
+        report.acknowledged = settled.acknowledged;
+        report.errors.merge(&settled.errors);
+        report.records = report
+            .sent_per_channel
+            .iter()
+            .map(|&sent| vec![Record::default(); sent as usize])
+            .collect();
+        for ((channel, seq), record) in settled.settled {
+            if let Fate::Accepted { receivers: Some(0) } = record.fate {
+                report.unheard += 1;
+            }
+            if let Some(slot) = report
+                .records
+                .get_mut(channel)
+                .and_then(|records| records.get_mut(seq as usize))
+            {
+                *slot = record;
+            }
         }
         Ok(report)
     }
@@ -259,8 +359,12 @@ pub fn payload(seq: u64, ts: i64, bytes: usize) -> Vec<u8> {
 
 /// The schedule thread: sleeps until each message is due and hands it to
 /// its channel's sink. Dropping the queues at the end tells the sinks to
-/// finish.
-fn keep_schedule(schedule: &Schedule, queues: Vec<mpsc::Sender<Outgoing>>) -> PublishReport {
+/// finish. Also returns the messages no sink would take.
+fn keep_schedule(
+    schedule: &Schedule,
+    queues: Vec<mpsc::Sender<Outgoing>>,
+) -> (PublishReport, SinkReport) {
+    let mut refused = SinkReport::default();
     let channels = schedule.channels.len().max(1);
     let mut report = PublishReport {
         sent_per_channel: vec![0; channels],
@@ -281,6 +385,7 @@ fn keep_schedule(schedule: &Schedule, queues: Vec<mpsc::Sender<Outgoing>>) -> Pu
         let ts = schedule.start_unix_nanos + offset.as_nanos() as i64;
         let message = Outgoing {
             channel,
+            seq,
             payload: payload(seq, ts, schedule.payload_bytes),
         };
         // The sequence number is used whether or not the hand-off works, so
@@ -291,14 +396,16 @@ fn keep_schedule(schedule: &Schedule, queues: Vec<mpsc::Sender<Outgoing>>) -> Pu
             .is_err()
         {
             report.errors.add("publisher connection lost");
+            refused.settle((channel, seq), Fate::Refused);
         }
         report.max_lag = report.max_lag.max(due.elapsed());
     }
-    report
+    (report, refused)
 }
 
 /// One pipelined HTTP/1.1 connection: a writer sends requests as they come,
-/// a reader counts responses; neither waits for the other.
+/// a reader counts responses; neither waits for the other. Responses come
+/// in request order, so the reader settles the oldest request written.
 async fn api_connection(
     stream: TcpStream,
     target: ApiTarget,
@@ -307,19 +414,21 @@ async fn api_connection(
 ) -> SinkReport {
     let (reader, mut writer) = stream.into_split();
     let (written_sender, written) = watch::channel(None);
-    let responses = tokio::spawn(read_responses(reader, written));
+    let pending: Pending = Arc::default();
+    let responses = tokio::spawn(read_responses(reader, written, pending.clone()));
     let mut report = SinkReport::default();
     let mut buffer = Vec::with_capacity(WRITE_BATCH_BYTES);
+    let mut batch: Vec<Slot> = Vec::new();
     let mut written_count = 0u64;
     let mut lost = 0u64;
     while let Some(message) = queue.recv().await {
-        let mut batch = 1;
         encode_request(
             &target,
             &channels[message.channel],
             &message.payload,
             &mut buffer,
         );
+        batch.push((message.channel, message.seq));
         while buffer.len() < WRITE_BATCH_BYTES {
             let Ok(message) = queue.try_recv() else {
                 break;
@@ -330,32 +439,49 @@ async fn api_connection(
                 &message.payload,
                 &mut buffer,
             );
-            batch += 1;
+            batch.push((message.channel, message.seq));
         }
+        // Listed before they are written, so that a fast response finds them.
+        pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(batch.iter().copied());
         if let Err(error) = writer.write_all(&buffer).await {
             report.errors.add(format!("api io {:?}", error.kind()));
-            lost += batch;
-            // Count whatever is still queued as lost too.
+            lost += batch.len() as u64;
+            // Part of the batch may have gone out; the reader settles it as
+            // uncertain. Whatever is still queued never went out.
             queue.close();
-            while queue.recv().await.is_some() {
+            while let Some(message) = queue.recv().await {
                 lost += 1;
+                report.settle((message.channel, message.seq), Fate::Refused);
             }
+            written_count += batch.len() as u64;
             break;
         }
-        written_count += batch;
+        written_count += batch.len() as u64;
+        batch.clear();
         buffer.clear();
     }
     report.errors.add_count("api connection failed", lost);
     let _ = written_sender.send(Some(written_count));
     match responses.await {
-        Ok(responses) => {
-            report.acknowledged += responses.acknowledged;
-            report.errors.merge(&responses.errors);
-        }
+        Ok(responses) => report.merge(responses),
         Err(_) => report.errors.add("api response reader failed"),
+    }
+    // Requests that never got a response may or may not have run.
+    for slot in pending
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .drain(..)
+    {
+        report.settle(slot, Fate::Uncertain);
     }
     report
 }
+
+/// Requests written on one API connection and not yet answered, oldest first.
+type Pending = Arc<Mutex<VecDeque<Slot>>>;
 
 fn encode_request(target: &ApiTarget, channel: &str, payload: &[u8], out: &mut Vec<u8>) {
     let body_head = br#"{"channel":""#;
@@ -381,6 +507,7 @@ fn encode_request(target: &ApiTarget, channel: &str, payload: &[u8], out: &mut V
 async fn read_responses(
     mut reader: OwnedReadHalf,
     mut written: watch::Receiver<Option<u64>>,
+    pending: Pending,
 ) -> SinkReport {
     let mut report = SinkReport::default();
     let mut buffer = Vec::with_capacity(16 * 1024);
@@ -392,10 +519,23 @@ async fn read_responses(
                 Ok(Some((status, used))) => {
                     buffer.drain(..used);
                     received += 1;
-                    if (200..300).contains(&status) {
+                    let fate = if (200..300).contains(&status) {
                         report.acknowledged += 1;
+                        Fate::Accepted { receivers: None }
                     } else {
                         report.errors.add(format!("http {status}"));
+                        if status >= 500 {
+                            Fate::Uncertain
+                        } else {
+                            Fate::Refused
+                        }
+                    };
+                    let slot = pending
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .pop_front();
+                    if let Some(slot) = slot {
+                        report.settle(slot, fate);
                     }
                 }
                 Ok(None) => break,
@@ -489,32 +629,67 @@ pub fn parse_response(buffer: &[u8]) -> Result<Option<(u16, usize)>, &'static st
     Ok((buffer.len() >= total).then_some((status, total)))
 }
 
+async fn redis_connect(
+    client: &redis::Client,
+) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
+        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT));
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+}
+
 /// Sends `PUBLISH` for every message on one multiplexed connection, keeping
 /// up to [`REDIS_IN_FLIGHT`] unacknowledged. Commands are first polled in the
 /// order they were pushed, so they reach Redis in order.
+///
+/// When the connection breaks, nothing new is sent on it; once the commands
+/// in flight have failed, a new connection is tried (at most every
+/// [`REDIS_RECONNECT_INTERVAL`]), and messages that arrive while there is
+/// none are refused at once, so that the schedule keeps going and the order
+/// of what is sent is kept.
 async fn redis_connection(
-    connection: redis::aio::MultiplexedConnection,
+    client: redis::Client,
+    first: redis::aio::MultiplexedConnection,
     channels: Vec<String>,
     mut queue: mpsc::Receiver<Outgoing>,
 ) -> SinkReport {
     let mut report = SinkReport::default();
+    let mut connection = Some(first);
+    let mut next_attempt = Instant::now();
     let mut in_flight = FuturesUnordered::new();
     let mut open = true;
     while open || !in_flight.is_empty() {
         tokio::select! {
             biased;
-            Some(result) = in_flight.next(), if !in_flight.is_empty() => {
-                tally_redis(&mut report, result);
+            Some((slot, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                if let Err(error) = &result {
+                    if broken(error) {
+                        connection = None;
+                    }
+                }
+                tally_redis(&mut report, slot, result);
             }
             message = queue.recv(), if open && in_flight.len() < REDIS_IN_FLIGHT => match message {
                 Some(message) => {
-                    let mut connection = connection.clone();
+                    let slot = (message.channel, message.seq);
+                    if connection.is_none() && in_flight.is_empty() && Instant::now() >= next_attempt {
+                        next_attempt = Instant::now() + REDIS_RECONNECT_INTERVAL;
+                        connection = redis_connect(&client).await.ok();
+                    }
+                    let Some(connection) = connection.clone() else {
+                        report.errors.add("redis not connected");
+                        report.settle(slot, Fate::Refused);
+                        continue;
+                    };
+                    let mut connection = connection;
                     let command = redis::cmd("PUBLISH")
                         .arg(&channels[message.channel])
                         .arg(message.payload)
                         .to_owned();
                     in_flight.push(async move {
-                        command.query_async::<i64>(&mut connection).await
+                        (slot, command.query_async::<u64>(&mut connection).await)
                     });
                 }
                 None => open = false,
@@ -524,10 +699,26 @@ async fn redis_connection(
     report
 }
 
-fn tally_redis(report: &mut SinkReport, result: redis::RedisResult<i64>) {
+/// Whether an error means the connection is gone.
+fn broken(error: &redis::RedisError) -> bool {
+    error.is_io_error() || error.is_unrecoverable_error() || error.is_connection_dropped()
+}
+
+fn tally_redis(report: &mut SinkReport, slot: Slot, result: redis::RedisResult<u64>) {
     match result {
-        Ok(_) => report.acknowledged += 1,
-        Err(error) => report.errors.add(format!("redis {:?}", error.kind())),
+        Ok(receivers) => {
+            report.acknowledged += 1;
+            report.settle(
+                slot,
+                Fate::Accepted {
+                    receivers: Some(receivers),
+                },
+            );
+        }
+        Err(error) => {
+            report.errors.add(format!("redis {:?}", error.kind()));
+            report.settle(slot, Fate::Uncertain);
+        }
     }
 }
 

@@ -18,9 +18,32 @@ pub struct Summary {
     pub config: Value,
     /// Plain numeric results.
     pub results: Value,
+    /// The assertions asked for (`--check`, `--expect-metric` and the
+    /// like), each passed or failed; any failure makes the tool exit 1.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<CheckOutcome>,
     /// The same results as labelled rows for the terminal.
     #[serde(skip)]
     pub table: Table,
+}
+
+/// One assertion and how it came out.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckOutcome {
+    pub name: String,
+    pub passed: bool,
+    /// The figures it was decided on.
+    pub detail: String,
+}
+
+impl CheckOutcome {
+    pub fn new(name: impl Into<String>, passed: bool, detail: impl Into<String>) -> CheckOutcome {
+        CheckOutcome {
+            name: name.into(),
+            passed,
+            detail: detail.into(),
+        }
+    }
 }
 
 impl Summary {
@@ -42,13 +65,36 @@ impl Summary {
             scenario,
             config: Value::Object(config),
             results: serde_json::to_value(results).context("encoding the results")?,
+            checks: Vec::new(),
             table,
         })
     }
 
+    pub fn with_checks(mut self, checks: Vec<CheckOutcome>) -> Summary {
+        self.checks = checks;
+        self
+    }
+
+    /// The names of the checks that failed.
+    pub fn failed_checks(&self) -> Vec<&str> {
+        self.checks
+            .iter()
+            .filter(|check| !check.passed)
+            .map(|check| check.name.as_str())
+            .collect()
+    }
+
     /// Prints the table and writes the JSON file, if one was asked for.
     pub fn emit(&self, json: Option<&Path>) -> anyhow::Result<()> {
-        println!("{}", self.table.render(self.scenario));
+        let mut table = self.table.render(self.scenario);
+        if !self.checks.is_empty() {
+            table.push_str("-- checks\n");
+            for check in &self.checks {
+                let verdict = if check.passed { "PASS" } else { "FAIL" };
+                table.push_str(&format!("{verdict}  {}: {}\n", check.name, check.detail));
+            }
+        }
+        println!("{table}");
         if let Some(path) = json {
             let text = serde_json::to_string_pretty(self).context("encoding the summary")?;
             std::fs::write(path, text + "\n")
@@ -147,5 +193,12 @@ mod tests {
             text,
             serde_json::json!({"scenario": "demo", "config": {"a": 1, "b": "x"}, "results": {"n": 2}})
         );
+        let checked = summary.with_checks(vec![
+            CheckOutcome::new("good", true, "1 == 1"),
+            CheckOutcome::new("bad", false, "1 != 2"),
+        ]);
+        assert_eq!(checked.failed_checks(), ["bad"]);
+        let text = serde_json::to_value(&checked).unwrap();
+        assert_eq!(text["checks"][1]["passed"], false);
     }
 }

@@ -164,6 +164,11 @@ impl Reasons {
         self.0.values().sum()
     }
 
+    /// The count for one reason.
+    pub fn count(&self, reason: &str) -> u64 {
+        self.0.get(reason).copied().unwrap_or(0)
+    }
+
     /// `reason: count` pairs joined by commas, or `none`.
     pub fn describe(&self) -> String {
         if self.0.is_empty() {
@@ -229,6 +234,18 @@ impl SeqTracker {
                 Arrival::InOrder
             }
         }
+    }
+
+    /// Whether `seq` arrived.
+    pub fn has(&self, seq: u64) -> bool {
+        self.seen
+            .get((seq / 64) as usize)
+            .is_some_and(|word| word & (1u64 << (seq % 64)) != 0)
+    }
+
+    /// The highest number that arrived, if any did.
+    pub fn highest(&self) -> Option<u64> {
+        self.highest
     }
 
     /// How many numbers in `from..to` never arrived.
@@ -305,6 +322,8 @@ mod tests {
         );
         assert_eq!(tracker.duplicates, 1);
         assert_eq!(tracker.out_of_order, 2);
+        assert!(tracker.has(70) && tracker.has(0) && !tracker.has(4) && !tracker.has(1000));
+        assert_eq!(tracker.highest(), Some(70));
         // 0..80 published: 4 and 6..=69 and 71..80 never arrived.
         assert_eq!(tracker.missing_in(0, 80), 1 + 64 + 9);
         // Warm-up numbers below 2 are left out.

@@ -13,8 +13,8 @@ use tokio::time::Instant;
 use crate::cli::{ConnectArgs, GlobalArgs};
 use crate::client::{Connector, Failure, close, idle_until};
 use crate::group::{
-    Command, Control, Counters, EstablishStats, Outcome, Plan as GroupPlan, Report, Slice,
-    instant_at, ramp_slot,
+    Command, Control, Counters, EstablishStats, Outcome, Plan as GroupPlan, Published, Report,
+    Slice, instant_at, ramp_slot,
 };
 use crate::proc::{Gateway, Usage};
 use crate::report::{Summary, Table, round3};
@@ -78,11 +78,7 @@ pub async fn run(global: &GlobalArgs, args: &ConnectArgs) -> anyhow::Result<Summ
     fleet.ready().await?;
     let connected_sample = gateway.sample()?;
     tokio::time::sleep(args.hold).await;
-    let reports = fleet
-        .finish(Command::Finish {
-            published_per_channel: Vec::new(),
-        })
-        .await?;
+    let reports = fleet.finish(Command::Finish(Published::default())).await?;
     let mut establish = EstablishStats::default();
     for report in reports {
         match report {

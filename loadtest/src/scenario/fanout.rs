@@ -4,6 +4,11 @@
 //! gateway's CPU per delivery. In `slow`, a fraction of the subscribers never
 //! read after subscribing; the healthy ones are measured as in `fanout`, the
 //! slow ones are checked at the end for how the gateway closed them.
+//!
+//! Both take faults (see [`crate::fault`]) and attackers (stalled readers,
+//! slowloris sockets) beside the subscribers, count `gap` notices, judge
+//! every subscriber's losses against what never reached the gateway (see
+//! [`crate::loss`]), and assert what `--check` and `--expect-metric` ask.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -17,17 +22,21 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::cli::{FanoutArgs, GlobalArgs};
+use crate::cli::{Check, FanoutArgs, GlobalArgs};
 use crate::client::{ClientSpec, Connector, Failure, Ws, close, unix_nanos};
+use crate::fault::{FaultLog, FaultPlan};
 use crate::group::{
-    Command, Control, Counters, EstablishStats, Outcome, Plan as GroupPlan, Report, Slice,
-    instant_at, ramp_slot,
+    Command, Control, Counters, EstablishStats, Outcome, Plan as GroupPlan, Published, Report,
+    Slice, instant_at, ramp_slot,
 };
+use crate::loss::{ChannelOutage, SubscriberLoss, analyse};
 use crate::proc::{Gateway, Usage};
-use crate::publisher::{PublishReport, Publisher, Schedule};
-use crate::report::{Summary, Table, round3};
-use crate::scan::FieldScanner;
-use crate::scenario::{group_specs, options, positive_rate, ramp_start};
+use crate::publisher::{Fate, PublishReport, Publisher, Schedule};
+use crate::report::{CheckOutcome, Summary, Table, round3};
+use crate::scan::{FieldScanner, contains};
+use crate::scenario::{group_specs, metric_checks, options, positive_rate, ramp_start};
+use crate::scrape::{MetricsReport, Watch};
+use crate::slowloris::{self, SlowlorisStats};
 use crate::stats::{Arrival, LatencySummary, Micros, Reasons, SeqTracker};
 use crate::worker::Fleet;
 
@@ -64,6 +73,16 @@ pub struct Plan {
     pub warmup_messages: u64,
     /// When subscriber 0 starts, in unix nanoseconds.
     pub start_at_unix_nanos: i64,
+    /// Stalled readers after the subscribers: indices `subscribers..subscribers + stalled`.
+    pub stalled: u64,
+    /// `SO_RCVBUF` of the stalled readers.
+    pub stalled_rcvbuf: u32,
+    /// Slowloris sockets, over all groups.
+    pub slowloris: u64,
+    /// The pause between two bytes of a slowloris socket.
+    pub slowloris_interval: Duration,
+    /// A frame containing this is a `gap` notice.
+    pub gap_match: String,
 }
 
 impl Plan {
@@ -71,9 +90,23 @@ impl Plan {
         index % self.channels.max(1)
     }
 
-    /// Whether subscriber `index` is slow. Decided by its rank among its
-    /// channel's subscribers, so every channel gets its share.
+    /// Subscriber connections, stalled readers included.
+    pub fn connections(&self) -> u64 {
+        self.subscribers + self.stalled
+    }
+
+    /// Whether connection `index` is a stalled reader.
+    pub fn is_stalled(&self, index: u64) -> bool {
+        index >= self.subscribers
+    }
+
+    /// Whether subscriber `index` never reads: a stalled reader, or a slow
+    /// subscriber. Slowness is decided by rank among the channel's
+    /// subscribers, so every channel gets its share.
     pub fn is_slow(&self, index: u64) -> bool {
+        if self.is_stalled(index) {
+            return true;
+        }
         let rank = index / self.channels.max(1);
         let slow_up_to = |count: u64| (count as f64 * self.slow_fraction + 1e-9).floor();
         slow_up_to(rank + 1) > slow_up_to(rank)
@@ -97,6 +130,82 @@ pub struct GroupReport {
     pub establish: EstablishStats,
     pub healthy: DeliveryStats,
     pub slow: SlowStats,
+    pub loss: LossStats,
+    pub slowloris: SlowlorisStats,
+}
+
+/// The healthy subscribers' losses judged against the outage, and their
+/// `gap` notices (see [`crate::loss`]).
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct LossStats {
+    /// Missing messages that never certainly reached the gateway.
+    pub lost_in_outage: u64,
+    /// Missing messages Redis counted as heard, freed with a killed
+    /// connection where an announced outage begins (see [`crate::loss`]).
+    pub lost_at_edge: u64,
+    /// Missing messages that did reach it: loss the outage does not explain.
+    pub lost_outside_outage: u64,
+    /// Received messages whose publish failed after it was sent (possible).
+    pub delivered_uncertain: u64,
+    /// Received messages that were refused or heard by nobody (impossible).
+    pub delivered_unreached: u64,
+    /// Runs of consecutive missing messages, over all subscribers.
+    pub loss_runs: u64,
+    /// Runs no `gap` notice followed.
+    pub unannounced_runs: u64,
+    /// `gap` notices received, over all subscribers.
+    pub gaps: u64,
+    pub subscribers_without_gap: u64,
+    pub min_gaps_per_subscriber: Option<u64>,
+    pub max_gaps_per_subscriber: u64,
+    /// Missing messages below the highest one each subscriber received.
+    pub holes: u64,
+    pub subscribers_with_holes: u64,
+    /// Missing messages acknowledged before the --sigterm-at signal.
+    pub lost_before_signal: u64,
+}
+
+impl LossStats {
+    fn add(&mut self, loss: &SubscriberLoss, gaps: u64) {
+        self.lost_in_outage += loss.lost_in_outage;
+        self.lost_at_edge += loss.lost_at_edge;
+        self.lost_outside_outage += loss.lost_outside_outage;
+        self.delivered_uncertain += loss.delivered_uncertain;
+        self.delivered_unreached += loss.delivered_unreached;
+        self.loss_runs += loss.runs;
+        self.unannounced_runs += loss.unannounced_runs;
+        self.gaps += gaps;
+        self.subscribers_without_gap += u64::from(gaps == 0);
+        self.min_gaps_per_subscriber =
+            Some(self.min_gaps_per_subscriber.map_or(gaps, |m| m.min(gaps)));
+        self.max_gaps_per_subscriber = self.max_gaps_per_subscriber.max(gaps);
+        self.holes += loss.holes;
+        self.subscribers_with_holes += u64::from(loss.holes > 0);
+        self.lost_before_signal += loss.lost_before_signal;
+    }
+
+    fn merge(&mut self, other: &LossStats) {
+        self.lost_in_outage += other.lost_in_outage;
+        self.lost_at_edge += other.lost_at_edge;
+        self.lost_outside_outage += other.lost_outside_outage;
+        self.delivered_uncertain += other.delivered_uncertain;
+        self.delivered_unreached += other.delivered_unreached;
+        self.loss_runs += other.loss_runs;
+        self.unannounced_runs += other.unannounced_runs;
+        self.gaps += other.gaps;
+        self.subscribers_without_gap += other.subscribers_without_gap;
+        self.min_gaps_per_subscriber =
+            match (self.min_gaps_per_subscriber, other.min_gaps_per_subscriber) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        self.max_gaps_per_subscriber = self
+            .max_gaps_per_subscriber
+            .max(other.max_gaps_per_subscriber);
+        self.holes += other.holes;
+        self.subscribers_with_holes += other.subscribers_with_holes;
+        self.lost_before_signal += other.lost_before_signal;
+    }
 }
 
 /// Deliveries to subscribers that read, after the warm-up.
@@ -180,6 +289,13 @@ pub async fn run(
     if args.duration.is_zero() {
         bail!("--duration must be greater than zero");
     }
+    let faults = &args.faults;
+    if faults.sigterm_at.is_some() && global.pids.is_empty() {
+        bail!("--sigterm-at signals the --pid processes: give at least one");
+    }
+    if faults.slowloris > 0 && faults.slowloris_interval.is_zero() {
+        bail!("--slowloris-interval must be greater than zero");
+    }
     let publisher = Publisher::from_args(&args.publisher)?;
     let plan = Plan {
         subscribers: args.subscribers as u64,
@@ -188,15 +304,32 @@ pub async fn run(
         slow_fraction,
         warmup_messages: (args.rate * args.warmup.as_secs_f64()).round() as u64,
         start_at_unix_nanos: ramp_start(global),
+        stalled: faults.stalled as u64,
+        stalled_rcvbuf: faults.stalled_rcvbuf,
+        slowloris: faults.slowloris as u64,
+        slowloris_interval: faults.slowloris_interval,
+        gap_match: args.gap_match.clone(),
+    };
+    let fault_plan = FaultPlan {
+        kill_pubsub_every: faults.kill_pubsub_every,
+        redis_url: faults
+            .fault_redis_url
+            .clone()
+            .or_else(|| args.publisher.redis_url.clone()),
+        commands: faults.fault_exec.clone(),
+        sigterm_at: faults.sigterm_at,
+        pids: global.pids.clone(),
     };
     let measured_messages = ((args.rate * args.duration.as_secs_f64()).round() as u64).max(1);
     let channels: Vec<String> = (0..plan.channels).map(channel_name).collect();
 
     let gateway = Gateway::new(&global.pids);
+    let mut watch = Watch::new(&args.metrics.metrics_urls);
     let idle = gateway.sample()?;
     let mut fleet = Fleet::start(group_specs(global, GroupPlan::Fanout(plan.clone()))?)?;
     fleet.ready().await?;
     let subscribed = gateway.sample()?;
+    watch.before().await;
 
     let publisher = publisher.connect(&channels).await?;
     let start_unix_nanos = unix_nanos() + PUBLISH_LEAD.as_nanos() as i64;
@@ -208,6 +341,8 @@ pub async fn run(
             gateway.sample()
         })
     };
+    let running_faults =
+        crate::fault::start(&fault_plan, instant_at(measure_from), args.duration).await?;
     let published = publisher
         .run(Schedule {
             channels,
@@ -217,15 +352,27 @@ pub async fn run(
             start_unix_nanos,
         })
         .await?;
-    let window_end = gateway.sample_after(CPU_SETTLE).await?;
+    // A gateway stopped by --sigterm-at can no longer be sampled.
+    let window_end = gateway.sample_after(CPU_SETTLE).await.unwrap_or(None);
     let window_start = window_start
         .await
-        .context("the gateway sampling task failed")??;
+        .context("the gateway sampling task failed")?
+        .unwrap_or(None);
+    let fault_log = running_faults.finish().await?;
+    if !watch.is_empty() {
+        watch.after().await;
+    }
 
+    let signal_at = fault_log
+        .signals
+        .iter()
+        .map(|signal| signal.at_unix_nanos)
+        .min();
     let reports = fleet
-        .finish(Command::Finish {
-            published_per_channel: published.sent_per_channel.clone(),
-        })
+        .finish(Command::Finish(Published {
+            per_channel: published.sent_per_channel.clone(),
+            outage: outage(&published, signal_at),
+        }))
         .await?;
     let mut total = GroupReport::default();
     for report in reports {
@@ -234,6 +381,8 @@ pub async fn run(
                 total.establish.merge(&group.establish);
                 total.healthy.merge(&group.healthy);
                 total.slow.merge(&group.slow);
+                total.loss.merge(&group.loss);
+                total.slowloris.merge(&group.slowloris);
             }
             other => bail!("a group answered with the wrong report: {other:?}"),
         }
@@ -252,12 +401,177 @@ pub async fn run(
         &published,
         &total,
         gateway,
-        scenario == "slow",
+        scenario == "slow" || plan.stalled > 0,
+        (!fault_plan.is_empty()).then_some(fault_log),
+        (!watch.is_empty()).then(|| watch.report()),
     );
+    let mut checks = fault_checks(args, &plan, &results);
+    checks.extend(metric_checks(&watch, &args.metrics.expect_metrics));
     let table = results.table();
     let mut config = options(global, args)?;
     config.push(serde_json::json!({ "slow_fraction": slow_fraction }));
-    Summary::new(scenario, &config, &results, table)
+    Ok(Summary::new(scenario, &config, &results, table)?.with_checks(checks))
+}
+
+/// Per channel, the messages that never certainly reached the gateway, and
+/// how many were acknowledged before the signal (if there was one).
+fn outage(published: &PublishReport, signal_at: Option<i64>) -> Vec<ChannelOutage> {
+    published
+        .records
+        .iter()
+        .map(|records| {
+            let mut outage = ChannelOutage::default();
+            for (seq, record) in records.iter().enumerate() {
+                if !record.fate.reached() {
+                    outage.unreached.push(seq as u64);
+                    if record.fate.uncertain() {
+                        outage.uncertain.push(seq as u64);
+                    }
+                }
+            }
+            if let Some(signal_at) = signal_at {
+                outage.settled_before_signal = records
+                    .iter()
+                    .take_while(|record| {
+                        matches!(record.fate, Fate::Accepted { .. })
+                            && record.settled_at_unix_nanos < signal_at
+                    })
+                    .count() as u64;
+            }
+            outage
+        })
+        .collect()
+}
+
+/// What `--check`, `--exit-within` and a complete set of connections say.
+fn fault_checks(args: &FanoutArgs, plan: &Plan, results: &Results) -> Vec<CheckOutcome> {
+    let faults = &args.faults;
+    if faults.checks.is_empty()
+        && faults.exit_within.is_none()
+        && args.metrics.expect_metrics.is_empty()
+    {
+        return Vec::new();
+    }
+    let loss = &results.loss;
+    let mut checks = vec![CheckOutcome::new(
+        "all-connected",
+        results.connected == plan.connections(),
+        format!("{} of {} subscribed", results.connected, plan.connections()),
+    )];
+    let reordered = format!(
+        "{} duplicates, {} out of order",
+        results.duplicates, results.out_of_order
+    );
+    let clean_order = results.duplicates == 0 && results.out_of_order == 0;
+    for check in &faults.checks {
+        let (passed, detail) = match check {
+            Check::Lossless => (
+                results.missing == 0 && clean_order && results.disconnects.total() == 0,
+                format!(
+                    "{} missing, {reordered}, {} disconnects",
+                    results.missing,
+                    results.disconnects.total()
+                ),
+            ),
+            Check::LossOnlyInOutage => (
+                loss.lost_outside_outage == 0 && loss.delivered_unreached == 0 && clean_order,
+                format!(
+                    "{} lost in the outage ({} messages unreached, {} uncertain of them delivered), {} at its edge, {} lost outside it, {} refused or unheard yet delivered, {reordered}",
+                    loss.lost_in_outage,
+                    results.publish_fates.unreached,
+                    loss.delivered_uncertain,
+                    loss.lost_at_edge,
+                    loss.lost_outside_outage,
+                    loss.delivered_unreached
+                ),
+            ),
+            Check::LossAnnounced => (
+                loss.unannounced_runs == 0,
+                format!(
+                    "{} of {} runs of losses without a gap after them",
+                    loss.unannounced_runs, loss.loss_runs
+                ),
+            ),
+            Check::GapEverySubscriber => (
+                results.healthy_subscribers > 0 && loss.subscribers_without_gap == 0,
+                format!(
+                    "{} of {} subscribers without a gap (gaps per subscriber {}..{})",
+                    loss.subscribers_without_gap,
+                    results.healthy_subscribers,
+                    loss.min_gaps_per_subscriber.unwrap_or(0),
+                    loss.max_gaps_per_subscriber
+                ),
+            ),
+            Check::GapPerKill => {
+                let kills = results.faults.as_ref().map_or(0, FaultLog::effective_kills);
+                let fewest = loss.min_gaps_per_subscriber.unwrap_or(0);
+                (
+                    kills > 0 && fewest >= kills,
+                    format!(
+                        "{kills} CLIENT KILLs took effect; gaps per subscriber {fewest}..{}",
+                        loss.max_gaps_per_subscriber
+                    ),
+                )
+            }
+            Check::NoDisconnects => (
+                results.disconnects.total() == 0,
+                format!("disconnects: {}", results.disconnects.describe()),
+            ),
+            Check::FlushedBeforeClose => {
+                let signalled = results
+                    .faults
+                    .as_ref()
+                    .is_some_and(|log| !log.signals.is_empty());
+                (
+                    signalled && loss.holes == 0 && loss.lost_before_signal == 0,
+                    format!(
+                        "{} messages missing below a subscriber's last one ({} subscribers), {} acknowledged before the signal missing",
+                        loss.holes, loss.subscribers_with_holes, loss.lost_before_signal
+                    ),
+                )
+            }
+            Check::Closed1001 => {
+                let closed = results.disconnects.count("closed 1001");
+                (
+                    results.healthy_subscribers > 0 && closed == results.healthy_subscribers,
+                    format!(
+                        "{closed} of {} closed with 1001; disconnects: {}",
+                        results.healthy_subscribers,
+                        results.disconnects.describe()
+                    ),
+                )
+            }
+        };
+        checks.push(CheckOutcome::new(kebab(check), passed, detail));
+    }
+    if let Some(limit) = faults.exit_within {
+        let signals = results
+            .faults
+            .as_ref()
+            .map(|log| log.signals.clone())
+            .unwrap_or_default();
+        let slowest = signals
+            .iter()
+            .map(|signal| signal.exited_after_ms)
+            .try_fold(0.0f64, |slowest, exited| exited.map(|ms| slowest.max(ms)));
+        checks.push(CheckOutcome::new(
+            "exit-within",
+            !signals.is_empty() && slowest.is_some_and(|ms| ms <= limit.as_secs_f64() * 1000.0),
+            match slowest {
+                Some(ms) => format!("exited {ms:.0} ms after SIGTERM (limit {limit:?})"),
+                None => "a signalled process did not exit".to_owned(),
+            },
+        ));
+    }
+    checks
+}
+
+/// A check's name as written on the command line.
+fn kebab(check: &Check) -> String {
+    serde_json::to_value(check)
+        .ok()
+        .and_then(|value| value.as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("{check:?}"))
 }
 
 /// Gateway usage in `fanout` and `slow`.
@@ -303,6 +617,61 @@ struct Results {
     cpu_us_per_delivery: Option<f64>,
     gateway: Option<GatewayResults>,
     slow: Option<SlowResults>,
+    /// How the publishes fared.
+    publish_fates: FateCounts,
+    /// The losses judged against the outage, and the `gap` notices.
+    loss: LossStats,
+    /// The faults injected, when any were.
+    faults: Option<FaultLog>,
+    slowloris: Option<SlowlorisResults>,
+    /// What changed in the gateways' metrics (`--metrics-url`).
+    metrics: Option<MetricsReport>,
+}
+
+/// The publishes by fate, measured ones only.
+#[derive(Debug, Default, Serialize)]
+struct FateCounts {
+    accepted: u64,
+    /// Accepted by Redis but heard by no subscriber (no gateway subscribed).
+    unheard: u64,
+    refused: u64,
+    /// Failed after they were sent; they may have run.
+    uncertain: u64,
+    /// Not certainly received by the gateway: the outage.
+    unreached: u64,
+}
+
+impl FateCounts {
+    fn new(plan: &Plan, published: &PublishReport) -> FateCounts {
+        let mut counts = FateCounts::default();
+        for (channel, records) in published.records.iter().enumerate() {
+            for record in records.iter().skip(plan.warmup_on(channel as u64) as usize) {
+                match record.fate {
+                    Fate::Accepted { receivers } => {
+                        counts.accepted += 1;
+                        counts.unheard += u64::from(receivers == Some(0));
+                    }
+                    Fate::Refused => counts.refused += 1,
+                    Fate::Uncertain | Fate::Unanswered => counts.uncertain += 1,
+                }
+                counts.unreached += u64::from(!record.fate.reached());
+            }
+        }
+        counts
+    }
+}
+
+/// The slowloris sockets.
+#[derive(Debug, Serialize)]
+struct SlowlorisResults {
+    sockets: u64,
+    opened: u64,
+    closed_by_gateway: u64,
+    answered: u64,
+    bytes_sent: u64,
+    connect_failures: Reasons,
+    /// How long the connections the gateway closed had lived.
+    lifetime_ms: LatencySummary,
 }
 
 /// Slow subscribers in `slow`.
@@ -316,6 +685,7 @@ struct SlowResults {
 }
 
 impl Results {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         plan: &Plan,
         duration: Duration,
@@ -323,6 +693,8 @@ impl Results {
         total: &GroupReport,
         gateway: Option<GatewayResults>,
         slow: bool,
+        faults: Option<FaultLog>,
+        metrics: Option<MetricsReport>,
     ) -> Results {
         let measured: u64 = published
             .sent_per_channel
@@ -363,6 +735,19 @@ impl Results {
                 ended_without_close: total.slow.ended_without_close.clone(),
                 still_open: total.slow.still_open,
             }),
+            publish_fates: FateCounts::new(plan, published),
+            loss: total.loss.clone(),
+            faults,
+            slowloris: (plan.slowloris > 0).then(|| SlowlorisResults {
+                sockets: total.slowloris.sockets,
+                opened: total.slowloris.opened,
+                closed_by_gateway: total.slowloris.closed_by_gateway,
+                answered: total.slowloris.answered,
+                bytes_sent: total.slowloris.bytes_sent,
+                connect_failures: total.slowloris.connect_failures.clone(),
+                lifetime_ms: total.slowloris.lifetime.summary(),
+            }),
+            metrics,
         }
     }
 
@@ -396,6 +781,94 @@ impl Results {
             )
             .row("subscribers with loss", self.subscribers_with_loss)
             .reasons("disconnects", &self.disconnects);
+        let fates = &self.publish_fates;
+        if fates.unreached > 0 || self.loss.gaps > 0 || self.faults.is_some() {
+            let loss = &self.loss;
+            table
+                .section("faults")
+                .row(
+                    "publishes",
+                    format!(
+                        "{} accepted ({} heard by nobody), {} refused, {} uncertain",
+                        fates.accepted, fates.unheard, fates.refused, fates.uncertain
+                    ),
+                )
+                .row(
+                    "lost in / at edge / outside",
+                    format!(
+                        "{} / {} / {}",
+                        loss.lost_in_outage, loss.lost_at_edge, loss.lost_outside_outage
+                    ),
+                )
+                .row(
+                    "delivered though unreached",
+                    format!(
+                        "{} uncertain, {} refused or unheard",
+                        loss.delivered_uncertain, loss.delivered_unreached
+                    ),
+                )
+                .row(
+                    "loss runs (unannounced)",
+                    format!("{} ({})", loss.loss_runs, loss.unannounced_runs),
+                )
+                .row(
+                    "gaps per subscriber",
+                    format!(
+                        "{}..{} ({} total, {} subscribers without)",
+                        loss.min_gaps_per_subscriber.unwrap_or(0),
+                        loss.max_gaps_per_subscriber,
+                        loss.gaps,
+                        loss.subscribers_without_gap
+                    ),
+                )
+                .row(
+                    "holes (subscribers)",
+                    format!("{} ({})", loss.holes, loss.subscribers_with_holes),
+                )
+                .row("lost before signal", loss.lost_before_signal);
+            if let Some(log) = &self.faults {
+                if !log.kills.is_empty() {
+                    let killed: u64 = log.kills.iter().filter_map(|kill| kill.killed).sum();
+                    table.row(
+                        "CLIENT KILLs",
+                        format!("{} ({killed} connections)", log.kills.len()),
+                    );
+                }
+                for command in &log.commands {
+                    table.row(
+                        "command",
+                        format!(
+                            "at {:.0} ms: {} -> {:?}",
+                            command.at_ms, command.command, command.status
+                        ),
+                    );
+                }
+                for signal in &log.signals {
+                    table.row(
+                        "SIGTERM",
+                        format!(
+                            "pid {} at {:.0} ms, exited after {}",
+                            signal.pid,
+                            signal.at_ms,
+                            signal
+                                .exited_after_ms
+                                .map_or("never".to_owned(), |ms| format!("{ms:.0} ms"))
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(slowloris) = &self.slowloris {
+            table
+                .section("slowloris")
+                .row("sockets", slowloris.sockets)
+                .row(
+                    "opened / closed by gateway",
+                    format!("{} / {}", slowloris.opened, slowloris.closed_by_gateway),
+                )
+                .reasons("connect failures", &slowloris.connect_failures)
+                .latency("lifetime ms", &slowloris.lifetime_ms);
+        }
         if let Some(slow) = &self.slow {
             table
                 .section("slow subscribers")
@@ -432,6 +905,8 @@ struct Shared {
     counters: Arc<Counters>,
     ts: FieldScanner,
     seq: FieldScanner,
+    /// Bytes that mark a `gap` notice.
+    gap_match: Vec<u8>,
     /// Sharded latency histograms; subscriber `i` uses shard `i % LATENCY_SHARDS`.
     latency: Vec<Mutex<Micros>>,
     /// First arrivals of measured messages, for the drain to know when
@@ -441,19 +916,24 @@ struct Shared {
 
 impl Shared {
     /// Records one received frame; frames without both fields are ignored.
-    fn on_frame(&self, frame: &[u8], warmup: u64, tracker: &mut SeqTracker, shard: usize) {
+    /// Returns the frame's sequence number, warm-up included, if it had one.
+    fn on_frame(
+        &self,
+        frame: &[u8],
+        warmup: u64,
+        tracker: &mut SeqTracker,
+        shard: usize,
+    ) -> Option<u64> {
         let received_at = unix_nanos();
         let (Some(seq), Some(ts)) = (self.seq.find(frame), self.ts.find(frame)) else {
-            return;
+            return None;
         };
-        let Ok(seq) = u64::try_from(seq) else {
-            return;
-        };
+        let seq = u64::try_from(seq).ok()?;
         if seq < warmup || seq >= SeqTracker::MAX_SEQ {
-            return;
+            return Some(seq);
         }
         if tracker.observe(seq) == Arrival::Duplicate {
-            return;
+            return Some(seq);
         }
         self.fresh.fetch_add(1, Ordering::Relaxed);
         self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
@@ -461,6 +941,7 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .record_micros(received_at.saturating_sub(ts) / 1000);
+        Some(seq)
     }
 }
 
@@ -472,6 +953,9 @@ enum SubscriberEnd {
     Healthy {
         channel: u64,
         tracker: SeqTracker,
+        /// For each `gap` notice, the highest sequence number received
+        /// before it (warm-up included), or -1.
+        gaps: Vec<i64>,
         disconnect: Option<Failure>,
     },
     /// A subscriber that never read.
@@ -494,17 +978,29 @@ pub async fn run_group(
     mut control: Control,
 ) -> anyhow::Result<GroupReport> {
     let start = instant_at(plan.start_at_unix_nanos);
-    let indices: Vec<u64> = slice.indices(plan.subscribers).collect();
+    let indices: Vec<u64> = slice.indices(plan.connections()).collect();
     let shared = Arc::new(Shared {
         plan: plan.clone(),
-        connector,
+        connector: connector.clone(),
         counters: control.counters.clone(),
         ts: FieldScanner::new(&clients.ts_field),
         seq: FieldScanner::new(&clients.seq_field),
+        gap_match: plan.gap_match.as_bytes().to_vec(),
         latency: (0..LATENCY_SHARDS).map(|_| Mutex::default()).collect(),
         fresh: AtomicU64::new(0),
     });
     let (stop, stopped) = watch::channel(false);
+    let mut attackers = JoinSet::new();
+    for index in slice.indices(plan.slowloris) {
+        // Offset from the subscribers' indices, so that they spread over the
+        // source addresses and gateways the same way.
+        attackers.spawn(slowloris::run(
+            plan.connections() + index,
+            connector.clone(),
+            plan.slowloris_interval,
+            stopped.clone(),
+        ));
+    }
     // Each task sends exactly one outcome, so this bound is never reached.
     let (outcomes, mut outcomes_received) = mpsc::channel(indices.len().max(1));
     let mut tasks = JoinSet::new();
@@ -528,7 +1024,13 @@ pub async fn run_group(
     }
     control.ready().await?;
     let published = control.finish().await?;
-    let published_on = |channel: u64| published.get(channel as usize).copied().unwrap_or(0);
+    let published_on = |channel: u64| {
+        published
+            .per_channel
+            .get(channel as usize)
+            .copied()
+            .unwrap_or(0)
+    };
 
     // Drain: wait until every healthy subscriber has every measured message.
     let everything: u64 = healthy_per_channel
@@ -552,19 +1054,22 @@ pub async fn run_group(
             SubscriberEnd::Healthy {
                 channel,
                 tracker,
+                gaps,
                 disconnect,
             } => {
                 let warmup = plan.warmup_on(channel);
-                let published = published_on(channel).max(warmup);
-                let missing = tracker.missing_in(warmup, published);
+                let sent = published_on(channel).max(warmup);
+                let missing = tracker.missing_in(warmup, sent);
                 let healthy = &mut report.healthy;
                 healthy.subscribers += 1;
-                healthy.expected += published - warmup;
-                healthy.deliveries += published - warmup - missing;
+                healthy.expected += sent - warmup;
+                healthy.deliveries += sent - warmup - missing;
                 healthy.missing += missing;
                 healthy.duplicates += tracker.duplicates;
                 healthy.out_of_order += tracker.out_of_order;
                 healthy.with_loss += u64::from(missing > 0);
+                let loss = analyse(&tracker, warmup, sent, published.outage_for(channel), &gaps);
+                report.loss.add(&loss, gaps.len() as u64);
                 if let Some(failure) = disconnect {
                     report.establish.disconnects.add(failure.reason());
                 }
@@ -580,6 +1085,11 @@ pub async fn run_group(
                 }
             }
         }
+    }
+    while let Some(joined) = attackers.join_next().await {
+        report
+            .slowloris
+            .merge(&joined.context("a slowloris task failed")?);
     }
     for shard in &shared.latency {
         report
@@ -601,7 +1111,14 @@ async fn subscriber(
 ) -> SubscriberEnd {
     tokio::time::sleep_until(start_at).await;
     let channel = shared.plan.channel_of(index);
-    let attempt = shared.connector.open(index, &[channel_name(channel)]).await;
+    let recv_buffer = shared
+        .plan
+        .is_stalled(index)
+        .then_some(shared.plan.stalled_rcvbuf);
+    let attempt = shared
+        .connector
+        .open_with(index, &[channel_name(channel)], recv_buffer)
+        .await;
     let _ = outcomes.send(Outcome::of(index, &attempt)).await;
     drop(outcomes);
     let Ok(session) = attempt.result else {
@@ -620,17 +1137,25 @@ async fn subscriber(
     let warmup = shared.plan.warmup_on(channel);
     let shard = index as usize % LATENCY_SHARDS;
     let mut tracker = SeqTracker::default();
+    let mut gaps = Vec::new();
+    let mut highest: i64 = -1;
+    let mut on_frame = |frame: &[u8], tracker: &mut SeqTracker| match shared
+        .on_frame(frame, warmup, tracker, shard)
+    {
+        Some(seq) => highest = highest.max(seq as i64),
+        None => {
+            if contains(frame, &shared.gap_match) {
+                gaps.push(highest);
+            }
+        }
+    };
     let disconnect = loop {
         tokio::select! {
             biased;
             _ = stopped.wait_for(|stop| *stop) => break None,
             frame = ws.next() => match frame {
-                Some(Ok(Message::Text(text))) => {
-                    shared.on_frame(text.as_bytes(), warmup, &mut tracker, shard);
-                }
-                Some(Ok(Message::Binary(bytes))) => {
-                    shared.on_frame(&bytes, warmup, &mut tracker, shard);
-                }
+                Some(Ok(Message::Text(text))) => on_frame(text.as_bytes(), &mut tracker),
+                Some(Ok(Message::Binary(bytes))) => on_frame(&bytes, &mut tracker),
                 Some(Ok(Message::Close(frame))) => break Some(Failure::from_close(frame)),
                 Some(Ok(_)) => {}
                 Some(Err(error)) => break Some(Failure::from_ws(error)),
@@ -646,6 +1171,7 @@ async fn subscriber(
     SubscriberEnd::Healthy {
         channel,
         tracker,
+        gaps,
         disconnect,
     }
 }
@@ -682,6 +1208,11 @@ mod tests {
             slow_fraction,
             warmup_messages,
             start_at_unix_nanos: 0,
+            stalled: 0,
+            stalled_rcvbuf: 4096,
+            slowloris: 0,
+            slowloris_interval: Duration::from_secs(1),
+            gap_match: r#""type":"gap""#.to_owned(),
         }
     }
 
@@ -698,6 +1229,14 @@ mod tests {
         assert!((0..100).all(|i| !none.is_slow(i)));
         let quarter = self::plan(1, 0.25, 0);
         assert_eq!((0..100).filter(|&i| quarter.is_slow(i)).count(), 25);
+        // Stalled readers come after the subscribers and never read.
+        let stalled = Plan {
+            stalled: 10,
+            ..self::plan(3, 0.0, 0)
+        };
+        assert_eq!(stalled.connections(), 110);
+        assert!((0..100).all(|i| !stalled.is_slow(i)));
+        assert!((100..110).all(|i| stalled.is_slow(i) && stalled.is_stalled(i)));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! gateway, building the summary), and `run_group`, which each client group
 //! executes.
 
+pub mod churn;
 pub mod connect;
+pub mod drain;
 pub mod fanout;
 pub mod storm;
 
@@ -16,6 +18,8 @@ use serde_json::Value;
 use crate::cli::GlobalArgs;
 use crate::client::{Auth, ClientSpec, unix_nanos};
 use crate::group::{GroupSpec, Plan, Slice};
+use crate::report::CheckOutcome;
+use crate::scrape::{Expectation, Watch};
 
 /// How far ahead of now a ramp starts, so that every group is up by then:
 /// a worker process needs a moment to start.
@@ -93,4 +97,23 @@ pub fn positive_rate(name: &str, rate: f64) -> anyhow::Result<()> {
         bail!("{name} must be a positive number");
     }
     Ok(())
+}
+
+/// One check per `--expect-metric`, on the scrapes `watch` took.
+pub fn metric_checks(watch: &Watch, expectations: &[Expectation]) -> Vec<CheckOutcome> {
+    watch
+        .check(expectations)
+        .into_iter()
+        .map(|outcome| {
+            let detail = match outcome.actual {
+                Some(actual) => format!("actual {actual}"),
+                None => "a scrape failed".to_owned(),
+            };
+            CheckOutcome::new(
+                format!("metric {}", outcome.expectation),
+                outcome.passed,
+                detail,
+            )
+        })
+        .collect()
 }

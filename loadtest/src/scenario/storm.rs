@@ -14,8 +14,8 @@ use tokio::time::Instant;
 use crate::cli::{DropMode, GlobalArgs, StormArgs};
 use crate::client::{Connector, Failure, Session, Ws, close, idle_until};
 use crate::group::{
-    Command, Control, Counters, EstablishStats, Outcome, Plan as GroupPlan, Report, Slice,
-    instant_at, ramp_slot,
+    Command, Control, Counters, EstablishStats, Outcome, Plan as GroupPlan, Published, Report,
+    Slice, instant_at, ramp_slot,
 };
 use crate::proc::{Gateway, Usage};
 use crate::report::{Summary, Table, round3};
@@ -105,11 +105,7 @@ pub async fn run(global: &GlobalArgs, args: &StormArgs) -> anyhow::Result<Summar
     fleet.command(Command::Drop).await?;
     fleet.ready().await?;
     let after = gateway.sample()?;
-    let reports = fleet
-        .finish(Command::Finish {
-            published_per_channel: Vec::new(),
-        })
-        .await?;
+    let reports = fleet.finish(Command::Finish(Published::default())).await?;
     let mut total = GroupReport::default();
     for report in reports {
         match report {
@@ -434,7 +430,7 @@ async fn reconnect(
 }
 
 /// The pause after failed attempt `attempt` (1-based) of connection `index`.
-fn backoff(attempt: u32, index: u64) -> Duration {
+pub fn backoff(attempt: u32, index: u64) -> Duration {
     let exponential = FIRST_BACKOFF * 2u32.saturating_pow(attempt.saturating_sub(1).min(10));
     // A multiplicative hash of the index spreads connections over the jitter window.
     let jitter = (index.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % BACKOFF_JITTER_MS;
