@@ -2,6 +2,11 @@
 # Reproduces one figure of BENCHMARKS.md per invocation:
 #
 #   loadtest/bench.sh memory|handshakes|fanout-1k|cpu-100k|fanout-10k|fanout-10k-redis|slow|storm|100k [RATE...]
+#   loadtest/bench.sh faults-redis-kill|faults-client-kill|faults-redis-pause|faults-sigterm|
+#                     faults-slow-attack|faults-leaks|drain|faults-ci|faults
+#
+# The faults-* scenarios and drain assert their outcome: the tool exits 1
+# when a check fails, and so does this script.
 #
 # Release builds of herald and herald-loadtest are made first. Gateway nodes
 # are pinned to core 0 (taskset -c 0); the load tester and Redis to core 1.
@@ -22,8 +27,14 @@ HERALD=target/release/herald
 TOOL=target/release/herald-loadtest
 
 PIDS=()
+# A Redis restarted by a fault writes its pid here (it runs daemonized).
+RESTARTED_REDIS_PIDFILE=$(mktemp -u /tmp/herald-bench-redis-XXXXXX.pid)
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    if [ -f "$RESTARTED_REDIS_PIDFILE" ]; then
+        kill "$(cat "$RESTARTED_REDIS_PIDFILE")" 2>/dev/null || true
+        rm -f "$RESTARTED_REDIS_PIDFILE"
+    fi
     wait 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -41,11 +52,12 @@ wait_ready() {
     return 1
 }
 
-# start_redis: sets REDIS_PORT.
+# start_redis: sets REDIS_PORT and REDIS_PID.
 start_redis() {
     REDIS_PORT=$(free_port)
     taskset -c "$TOOL_CORE" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
         --loglevel warning >/dev/null &
+    REDIS_PID=$!
     PIDS+=($!)
     for _ in $(seq 1 100); do
         redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && return 0
@@ -55,28 +67,53 @@ start_redis() {
     return 1
 }
 
+# start_node BROKER [VAR=VALUE...]: starts one node with extra environment;
+# sets NODE_PID, NODE_PORT, and appends to URLS, PIDFLAGS, PORTS.
+start_node() {
+    local broker=$1
+    shift
+    local port
+    port=$(free_port)
+    local env=(HERALD_AUTH__HMAC_SECRET=$SECRET HERALD_API__KEY=$KEY HERALD_NODE__ID=bench$((${#PORTS[@]} + 1))
+        HERALD_SERVER__LISTEN=127.0.0.1:$port HERALD_LOG__LEVEL=warn
+        HERALD_LIMITS__CONNECTION_RATE=100000 HERALD_LIMITS__CONNECTION_BURST=100000
+        HERALD_LIMITS__CONNECTION_RATE_PER_IP=0 HERALD_SERVER__MAX_HTTP_CONNECTIONS=20000
+        HERALD_SHUTDOWN__DRAIN_PERIOD=${DRAIN_PERIOD:-0s})
+    if [ "$broker" = redis ]; then
+        env+=(HERALD_BROKER__KIND=redis HERALD_BROKER__URL=redis://127.0.0.1:$REDIS_PORT)
+    fi
+    env "${env[@]}" "$@" taskset -c "$GATEWAY_CORE" "$HERALD" serve &
+    NODE_PID=$!
+    NODE_PORT=$port
+    PIDS+=($!)
+    PIDFLAGS+=(--pid $!)
+    URLS+=(--url ws://127.0.0.1:$port/ws)
+    PORTS+=("$port")
+}
+
 # start_nodes COUNT [BROKER]: sets URLS (--url flags), PIDFLAGS (--pid flags), PORTS.
 start_nodes() {
     local count=$1 broker=${2:-memory}
     URLS=() PIDFLAGS=() PORTS=()
-    for i in $(seq 1 "$count"); do
-        local port
-        port=$(free_port)
-        local env=(HERALD_AUTH__HMAC_SECRET=$SECRET HERALD_API__KEY=$KEY HERALD_NODE__ID=bench$i
-            HERALD_SERVER__LISTEN=127.0.0.1:$port HERALD_LOG__LEVEL=warn
-            HERALD_LIMITS__CONNECTION_RATE=100000 HERALD_LIMITS__CONNECTION_BURST=100000
-            HERALD_LIMITS__CONNECTION_RATE_PER_IP=0 HERALD_SERVER__MAX_HTTP_CONNECTIONS=20000
-            HERALD_SHUTDOWN__DRAIN_PERIOD=${DRAIN_PERIOD:-0s})
-        if [ "$broker" = redis ]; then
-            env+=(HERALD_BROKER__KIND=redis HERALD_BROKER__URL=redis://127.0.0.1:$REDIS_PORT)
-        fi
-        env "${env[@]}" taskset -c "$GATEWAY_CORE" "$HERALD" serve &
-        PIDS+=($!)
-        PIDFLAGS+=(--pid $!)
-        URLS+=(--url ws://127.0.0.1:$port/ws)
-        PORTS+=("$port")
-    done
+    for _ in $(seq 1 "$count"); do start_node "$broker"; done
     for port in "${PORTS[@]}"; do wait_ready "$port"; done
+}
+
+# stop_all: stops every process started so far (between repeated runs).
+stop_all() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    PIDS=()
+}
+
+# still_up PID: fails (and says so) unless the process still runs.
+still_up() {
+    if kill -0 "$1" 2>/dev/null; then
+        echo "node $1 is still up"
+    else
+        echo "node $1 is gone" >&2
+        return 1
+    fi
 }
 
 tool() {
@@ -86,6 +123,35 @@ tool() {
 
 api() {
     echo --publish api --api-url "http://127.0.0.1:${PORTS[0]}/api/publish" --api-key "$KEY"
+}
+
+metrics() {
+    for port in "$@"; do echo --metrics-url "http://127.0.0.1:$port/metrics"; done
+}
+
+# The Redis fault scenarios' load: 1,000 subscribers over 10 channels on one
+# node, 1,000 messages/s published through Redis (100,000 deliveries/s).
+redis_fault_load() {
+    echo --secret $SECRET "${PIDFLAGS[@]}" "${URLS[@]}" --source-ips 2 \
+        --publish redis --redis-url redis://127.0.0.1:$REDIS_PORT \
+        --subscribers 1000 --channels 10 --payload 100 $(metrics "${PORTS[0]}")
+}
+
+# median FILE... -- JSONPATH: the median of one numeric field over summaries.
+median() {
+    python3 - "$@" <<'PY'
+import json, statistics, sys
+args = sys.argv[1:]
+split = args.index("--")
+files, path = args[:split], args[split + 1]
+values = []
+for name in files:
+    value = json.load(open(name))
+    for key in path.split("."):
+        value = value[key]
+    values.append(value)
+print(statistics.median(values))
+PY
 }
 
 scenario=${1:?usage: bench.sh SCENARIO [RATES...]}
@@ -188,6 +254,139 @@ storm)
     grep -E 'Slab|MemAvailable|MemFree' /proc/meminfo | sed 's/^/end /' >>"$OUT/100k-samples.txt"
     cat "$OUT/100k-samples.txt"
     wait $TOOL_PID
+    ;;
+faults-redis-kill)
+    # Redis SIGKILLed 5 s into the measurement and restarted 3 s later. The
+    # node must stay up and resubscribe; every subscriber gets a gap; what
+    # each lost is exactly what was published while no node was subscribed.
+    start_redis
+    start_nodes 1 redis
+    restart="taskset -c $TOOL_CORE redis-server --port $REDIS_PORT --bind 127.0.0.1 --save '' --appendonly no"
+    restart+=" --loglevel warning --daemonize yes --pidfile $RESTARTED_REDIS_PIDFILE"
+    tool fanout $(redis_fault_load) --rate 1000 --duration 15s \
+        --fault-exec "5s=kill -9 $REDIS_PID" --fault-exec "8s=$restart" \
+        --check loss-only-in-outage --check loss-announced --check gap-every-subscriber --check no-disconnects \
+        --expect-metric 'increase(herald_broker_reconnects_total)>=1' \
+        --expect-metric 'increase(herald_broker_stale_pushes_total)==0' \
+        --expect-metric 'herald_connections_open==1000' \
+        --json "$OUT/faults-redis-kill.json"
+    still_up "$NODE_PID"
+    ;;
+faults-client-kill)
+    # CLIENT KILL TYPE pubsub every 2 s for 30 s: loss only around the kills,
+    # a gap after each, the node and its clients stay up.
+    start_redis
+    start_nodes 1 redis
+    tool fanout $(redis_fault_load) --rate 1000 --duration 30s --kill-pubsub-every 2s \
+        --check loss-only-in-outage --check loss-announced --check gap-per-kill --check no-disconnects \
+        --expect-metric 'increase(herald_broker_reconnects_total)>=14' \
+        --expect-metric 'increase(herald_broker_stale_pushes_total)==0' \
+        --expect-metric 'herald_connections_open==1000' \
+        --json "$OUT/faults-client-kill.json"
+    still_up "$NODE_PID"
+    ;;
+faults-redis-pause)
+    # CLIENT PAUSE 10 s (ALL), longer than the probe interval (5 s) plus its
+    # timeout (3 s): the probe detects it, the node reconnects, every
+    # subscriber gets a gap and every loss is announced.
+    start_redis
+    start_nodes 1 redis
+    tool fanout $(redis_fault_load) --rate 500 --duration 20s \
+        --fault-exec "5s=redis-cli -p $REDIS_PORT client pause 10000 all" \
+        --check loss-only-in-outage --check loss-announced --check gap-every-subscriber --check no-disconnects \
+        --expect-metric 'increase(herald_broker_probe_failures_total)>=1' \
+        --expect-metric 'increase(herald_broker_reconnects_total)>=1' \
+        --expect-metric 'herald_connections_open==1000' \
+        --json "$OUT/faults-redis-pause.json"
+    still_up "$NODE_PID"
+    ;;
+faults-sigterm)
+    # SIGTERM at 300,000 deliveries/s (1,000 subscribers x 300/s, memory
+    # broker), with shutdown.drain_period 0s and with the default 20 s: all
+    # that was queued is flushed before each close, every subscriber gets
+    # 1001, and the node exits well before shutdown.timeout (30 s).
+    for period in 0s 20s; do
+        DRAIN_PERIOD=$period start_nodes 1
+        if [ "$period" = 0s ]; then duration=8s; within=5s; else duration=28s; within=25s; fi
+        tool fanout "${URLS[@]}" --secret $SECRET "${PIDFLAGS[@]}" $(api) \
+            --subscribers 1000 --channels 1 --rate 300 --payload 100 --duration "$duration" \
+            --sigterm-at 3s --exit-within "$within" --check flushed-before-close --check closed-1001 \
+            --json "$OUT/faults-sigterm-drain-$period.json"
+        stop_all
+    done
+    ;;
+faults-slow-attack)
+    # Healthy subscribers' latency with 1,000 slowloris sockets and 1,000
+    # stalled readers, against a clean run of the same load (1,000
+    # subscribers x RATE/s, default 100); REPEAT pairs (default 3),
+    # alternating, medians compared: p99 within 20%.
+    start_nodes 1
+    load=("${URLS[@]}" --secret $SECRET "${PIDFLAGS[@]}" $(api) --source-ips 4
+        --subscribers 1000 --channels 1 --rate "$(rates 100)" --payload 100 --duration 15s)
+    clean=() attacked=()
+    for i in $(seq 1 "${REPEAT:-3}"); do
+        tool fanout "${load[@]}" --check lossless --json "$OUT/faults-slow-attack-clean-$i.json"
+        clean+=("$OUT/faults-slow-attack-clean-$i.json")
+        tool fanout "${load[@]}" --stalled 1000 --slowloris 1000 --slowloris-interval 2s \
+            --check lossless --json "$OUT/faults-slow-attack-attacked-$i.json"
+        attacked+=("$OUT/faults-slow-attack-attacked-$i.json")
+    done
+    p99_clean=$(median "${clean[@]}" -- results.latency_ms.p99)
+    p99_attacked=$(median "${attacked[@]}" -- results.latency_ms.p99)
+    echo "healthy p99, median of ${REPEAT:-3}: clean $p99_clean ms, attacked $p99_attacked ms"
+    python3 -c "import sys; c, a = $p99_clean, $p99_attacked; print(f'ratio {a / c:.3f}'); sys.exit(0 if a <= 1.2 * c else 1)"
+    ;;
+faults-leaks)
+    # 200,000 connections in 20 waves of 10,000 over 8 source addresses: RSS
+    # within 10% of its level after the first wave, and no open connection
+    # or subscription left.
+    start_nodes 1
+    tool churn "${URLS[@]}" --secret $SECRET "${PIDFLAGS[@]}" --source-ips 8 \
+        --waves 20 --wave-connections 10000 --rate 8000 --settle 2s --channels-per-conn 1 --channel-count 100 \
+        --rss-tolerance 0.10 $(metrics "${PORTS[0]}") \
+        --expect-metric 'herald_connections_open==0' --expect-metric 'herald_subscriptions==0' \
+        --expect-metric 'increase(herald_connections_accepted_total)==200000' \
+        --json "$OUT/faults-leaks.json"
+    ;;
+drain)
+    # Issue 12's paced drain seen from the other nodes: 10,000 clients on
+    # node A reconnect to B and C when A is stopped with SIGTERM, with
+    # shutdown.drain_period 10s and with 0s (a storm).
+    for period in 10s 0s; do
+        start_redis
+        URLS=() PIDFLAGS=() PORTS=()
+        DRAIN_PERIOD=$period start_node redis
+        a_pid=$NODE_PID a_port=$NODE_PORT
+        start_node redis
+        b_port=$NODE_PORT
+        start_node redis
+        c_port=$NODE_PORT
+        for port in "${PORTS[@]}"; do wait_ready "$port"; done
+        checks=()
+        if [ "$period" = 10s ]; then checks=(--max-window-ratio 3 --exit-within 15s); else checks=(--exit-within 5s); fi
+        tool drain --url ws://127.0.0.1:$a_port/ws --secret $SECRET "${PIDFLAGS[@]}" --source-ips 4 \
+            --reconnect-url ws://127.0.0.1:$b_port/ws --reconnect-url ws://127.0.0.1:$c_port/ws \
+            --signal-pid "$a_pid" --connections 10000 --connect-rate 5000 --attempts 5 "${checks[@]}" \
+            $(metrics "$b_port" "$c_port") --expect-metric 'increase(herald_connections_accepted_total)==10000' \
+            --json "$OUT/drain-$period.json"
+        stop_all
+    done
+    ;;
+faults-ci)
+    # The CI-sized Redis-kill and CLIENT KILL faults (loadtest/tests/faults.rs).
+    cargo test -q -p herald-loadtest --test faults
+    ;;
+faults)
+    # Every fault scenario and drain, one after the other; fails at the end
+    # if any failed.
+    failed=()
+    for each in faults-redis-kill faults-client-kill faults-redis-pause faults-sigterm faults-slow-attack faults-leaks drain; do
+        "$0" "$each" || failed+=("$each")
+    done
+    if [ ${#failed[@]} -gt 0 ]; then
+        echo "failed: ${failed[*]}" >&2
+        exit 1
+    fi
     ;;
 *)
     echo "unknown scenario $scenario" >&2
