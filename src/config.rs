@@ -365,6 +365,11 @@ pub struct BrokerConfig {
     pub sentinel_password: Option<Secret>,
     /// Prepended to client-visible channel names to form Redis channel names.
     pub channel_prefix: String,
+    /// How often (jittered by ±20%) the node reads the top of each history
+    /// channel it carries, to catch a message lost at the end of a burst on a
+    /// quiet channel, or a pub/sub link that died silently.
+    #[serde(with = "humantime_serde")]
+    pub history_check_interval: Duration,
     /// How often the node publishes a probe to its own probe channel.
     #[serde(with = "humantime_serde")]
     pub probe_interval: Duration,
@@ -398,6 +403,7 @@ impl Default for BrokerConfig {
             password: None,
             sentinel_password: None,
             channel_prefix: String::new(),
+            history_check_interval: Duration::from_secs(25),
             probe_interval: Duration::from_secs(5),
             probe_timeout: Duration::from_secs(3),
             subscribe_timeout: Duration::from_secs(5),
@@ -574,6 +580,38 @@ pub struct ChannelRule {
     /// At most this many deliveries per second per channel per connection; the newest wins.
     #[serde(default)]
     pub max_rate_hz: Option<f64>,
+    /// Messages kept per channel for recovery (a Redis Stream, or a ring in
+    /// the memory broker). 0, the default, means no history.
+    #[serde(default)]
+    pub history_size: u64,
+    /// How long an idle channel's history is kept. Required when
+    /// `history_size > 0`.
+    #[serde(default, with = "humantime_serde")]
+    pub history_ttl: Option<Duration>,
+    /// The most messages one recovery (a client's `since`, or the node filling
+    /// a gap) may replay. Default 300.
+    #[serde(default = "default_recover_max")]
+    pub recover_max: u64,
+}
+
+fn default_recover_max() -> u64 {
+    300
+}
+
+/// The largest `history_size` accepted.
+pub const MAX_HISTORY_SIZE: u64 = 1_000_000;
+
+impl Default for ChannelRule {
+    fn default() -> Self {
+        ChannelRule {
+            pattern: "*".to_owned(),
+            policy: SlowPolicy::default(),
+            max_rate_hz: None,
+            history_size: 0,
+            history_ttl: None,
+            recover_max: default_recover_max(),
+        }
+    }
 }
 
 impl Config {
@@ -710,6 +748,10 @@ impl Config {
             }
         }
         positive("broker.probe_interval", self.broker.probe_interval)?;
+        positive(
+            "broker.history_check_interval",
+            self.broker.history_check_interval,
+        )?;
         positive("broker.probe_timeout", self.broker.probe_timeout)?;
         positive("broker.subscribe_timeout", self.broker.subscribe_timeout)?;
         positive("broker.command_timeout", self.broker.command_timeout)?;
@@ -876,9 +918,61 @@ impl Config {
                     ));
                 }
             }
+            self.validate_history(index, rule)?;
         }
         // Values that only a component can check (key files, URLs, CIDRs) are
         // checked by building the components: see `herald::check_config`.
+        Ok(())
+    }
+
+    fn validate_history(&self, index: usize, rule: &ChannelRule) -> Result<(), ConfigError> {
+        let key = |name: &str| format!("channels[{index}].{name}");
+        if rule.history_size > MAX_HISTORY_SIZE {
+            return Err(ConfigError::invalid(
+                key("history_size"),
+                format!("must be at most {MAX_HISTORY_SIZE}"),
+            ));
+        }
+        match (rule.history_size, rule.history_ttl) {
+            (0, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    key("history_ttl"),
+                    "is only meaningful with history_size > 0",
+                ));
+            }
+            (0, None) => return Ok(()),
+            (_, None) => {
+                return Err(ConfigError::invalid(
+                    key("history_ttl"),
+                    "is required when history_size > 0",
+                ));
+            }
+            (_, Some(ttl)) if ttl < Duration::from_secs(1) => {
+                return Err(ConfigError::invalid(
+                    key("history_ttl"),
+                    "must be at least 1s",
+                ));
+            }
+            _ => {}
+        }
+        if rule.recover_max == 0 {
+            return Err(ConfigError::invalid(
+                key("recover_max"),
+                "must be at least 1",
+            ));
+        }
+        if rule.recover_max > self.limits.queue_messages as u64 {
+            return Err(ConfigError::invalid(
+                key("recover_max"),
+                "must not exceed limits.queue_messages: a recovery is queued at once",
+            ));
+        }
+        if self.broker.channel_prefix.contains(['{', '}']) {
+            return Err(ConfigError::invalid(
+                "broker.channel_prefix",
+                "may not contain { or }: history keys use the channel as a hash tag",
+            ));
+        }
         Ok(())
     }
 

@@ -10,7 +10,6 @@
 //! queue freed when drained), the session's channel map, the two task futures
 //! and a read buffer that is empty when idle (see ARCHITECTURE.md).
 
-use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -25,16 +24,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span};
 
 use crate::Node;
-use crate::auth::{AuthError, Principal};
-use crate::channel;
+use crate::auth::Principal;
 use crate::hub::ConnectionId;
 use crate::inbound::{FrameReader, Inbound, ReadError};
 use crate::metrics::Metrics;
-use crate::outbox::{ChannelKey, Closing, Outbox, QueueLimits};
-use crate::protocol::{
-    self, ChannelError, CloseCode, ErrorCode, Opcode, ReplyError, Request, RequestId, ServerFrame,
-};
+use crate::outbox::{Closing, Outbox, QueueLimits};
+use crate::protocol::{self, CloseCode, Opcode, ServerFrame};
 use crate::rate::TokenBucket;
+pub(crate) use crate::session::Mode;
+use crate::session::Session;
 
 /// How long the node waits for the client's answer to its close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -44,31 +42,6 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 
 /// A write buffer larger than this is freed after use rather than kept.
 const KEPT_WRITE_BUFFER: usize = 1024;
-
-/// What a session does with the messages its client sends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Mode {
-    /// Protocol v1: requests in; a welcome, replies and deliveries out.
-    Gateway,
-    /// Test only (the `test-echo` feature, `GET /echo`): no welcome, and every
-    /// message goes back as it came, text as text and binary as binary,
-    /// through the same reader, outbox and writer as a gateway session. The
-    /// Autobahn testsuite runs against it (`scripts/autobahn.sh`).
-    #[cfg(feature = "test-echo")]
-    Echo,
-}
-
-impl Mode {
-    /// Whether messages go back as they came instead of being requests.
-    /// Always false, and optimized away, without the `test-echo` feature.
-    fn echoes(self) -> bool {
-        match self {
-            Mode::Gateway => false,
-            #[cfg(feature = "test-echo")]
-            Mode::Echo => true,
-        }
-    }
-}
 
 /// Runs a session on an upgraded connection until it closes.
 pub(crate) async fn serve(
@@ -190,14 +163,7 @@ async fn run<R, W>(
         limits.frame_timeout,
         requests,
     );
-    let mut session = Session {
-        node: node.clone(),
-        id,
-        principal,
-        mode,
-        outbox: outbox.clone(),
-        channels: HashMap::new(),
-    };
+    let mut session = Session::new(node.clone(), id, principal, mode, outbox.clone());
 
     let reason = {
         let reader = read_loop(&mut frames, &mut session);
@@ -317,251 +283,6 @@ where
             }
         }
     }
-}
-
-/// The reader's state: who the client is and what it subscribes to. Dropping
-/// it removes every subscription from the hub.
-struct Session {
-    node: Node,
-    id: ConnectionId,
-    principal: Principal,
-    /// Zero-sized unless the `test-echo` feature is on.
-    mode: Mode,
-    outbox: Arc<Outbox>,
-    /// Subscribed channels, sharing the hub's copy of each name.
-    channels: HashMap<Arc<str>, ChannelKey>,
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        for channel in self.channels.keys() {
-            self.node.hub.unsubscribe(self.id, channel);
-        }
-    }
-}
-
-impl Session {
-    async fn on_text(&mut self, payload: Vec<u8>) {
-        if self.mode.echoes() {
-            self.outbox.push_reply(Bytes::from(payload));
-            return;
-        }
-        match protocol::parse_request(&payload) {
-            Ok(request) => self.handle(request).await,
-            Err(error) => self.send_error(error.id, error.code, &error.message),
-        }
-    }
-
-    fn on_binary(&mut self, payload: Vec<u8>) {
-        if self.mode.echoes() {
-            self.outbox.push_binary_reply(Bytes::from(payload));
-            return;
-        }
-        self.send_error(
-            None,
-            ErrorCode::UnsupportedFrame,
-            "protocol v1 uses text frames only",
-        );
-    }
-
-    fn send_error(&self, id: Option<RequestId>, code: ErrorCode, message: &str) {
-        self.node.metrics.client_error(code);
-        self.outbox
-            .push_reply(ServerFrame::Error { id, code, message }.encode());
-    }
-
-    async fn handle(&mut self, request: Request) {
-        match request {
-            Request::Subscribe { id, channels } => self.subscribe(id, channels).await,
-            Request::Unsubscribe { id, channels } => self.unsubscribe(id, channels),
-            Request::Ping { id } => self.outbox.push_reply(ServerFrame::Pong { id }.encode()),
-            Request::Refresh { id, token } => self.refresh(id, &token),
-        }
-    }
-
-    /// Refuses a request naming more channels than a connection may hold, so
-    /// that no request can make a reply larger than a bounded one.
-    fn too_many_channels(&self, id: Option<RequestId>, requested: &[String]) -> bool {
-        let max_channels = self.node.config.limits.max_channels_per_connection;
-        if requested.len() <= max_channels {
-            return false;
-        }
-        self.send_error(
-            id,
-            ErrorCode::LimitExceeded,
-            &format!("at most {max_channels} channels per request"),
-        );
-        true
-    }
-
-    async fn subscribe(&mut self, id: Option<RequestId>, requested: Vec<String>) {
-        if self.too_many_channels(id, &requested) {
-            return;
-        }
-        let max_channels = self.node.config.limits.max_channels_per_connection;
-        let mut subscribed = Vec::new();
-        let mut errors = Vec::new();
-        let mut added: Vec<Arc<str>> = Vec::new();
-        let mut seen = HashSet::new();
-        for name in requested {
-            if !seen.insert(name.clone()) {
-                continue;
-            }
-            let refusal = if let Err(error) = channel::validate_name(&name) {
-                Some((ErrorCode::InvalidChannel, error.to_string()))
-            } else if !self.principal.may_subscribe(&name) {
-                Some((
-                    ErrorCode::Forbidden,
-                    "the token does not grant this channel".to_owned(),
-                ))
-            } else if self.channels.contains_key(name.as_str()) {
-                None
-            } else if self.channels.len() >= max_channels {
-                Some((
-                    ErrorCode::LimitExceeded,
-                    format!("at most {max_channels} channels per connection"),
-                ))
-            } else {
-                let sub = self.node.hub.subscribe(self.id, &self.outbox, &name);
-                self.channels.insert(sub.channel.clone(), sub.key);
-                added.push(sub.channel);
-                None
-            };
-            match refusal {
-                Some((code, message)) => errors.push(ChannelError {
-                    // An invalid name is echoed only up to the longest valid
-                    // one, so a reply is never much larger than a request.
-                    channel: truncated(name, channel::MAX_CHANNEL_LEN),
-                    code,
-                    message,
-                }),
-                None => subscribed.push(name),
-            }
-        }
-        if !added.is_empty() {
-            if let Err(error) = self.node.broker.ensure_subscribed(&added).await {
-                for channel in &added {
-                    self.leave(channel);
-                    subscribed.retain(|name| name.as_str() != &**channel);
-                    errors.push(ChannelError {
-                        channel: channel.to_string(),
-                        code: ErrorCode::BrokerUnavailable,
-                        message: error.to_string(),
-                    });
-                }
-            }
-        }
-        for error in &errors {
-            self.node.metrics.client_error(error.code);
-        }
-        self.outbox.push_reply(
-            ServerFrame::Reply {
-                id,
-                channels: Some(&subscribed),
-                errors: Some(&errors),
-                revoked: None,
-                expires_at: None,
-                error: None,
-            }
-            .encode(),
-        );
-    }
-
-    fn leave(&mut self, channel: &str) -> bool {
-        match self.channels.remove(channel) {
-            Some(key) => {
-                self.node.hub.unsubscribe(self.id, channel);
-                self.outbox.forget(key);
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn unsubscribe(&mut self, id: Option<RequestId>, requested: Vec<String>) {
-        if self.too_many_channels(id, &requested) {
-            return;
-        }
-        for name in &requested {
-            self.leave(name);
-        }
-        self.outbox.push_reply(
-            ServerFrame::Reply {
-                id,
-                channels: Some(&requested),
-                errors: None,
-                revoked: None,
-                expires_at: None,
-                error: None,
-            }
-            .encode(),
-        );
-    }
-
-    fn refresh(&mut self, id: Option<RequestId>, token: &str) {
-        match self.node.auth.refresh(&self.principal, token) {
-            Ok(principal) => {
-                self.outbox.set_expires_at(principal.expires_at);
-                self.principal = principal;
-                // A narrower token takes effect at once.
-                let revoked: Vec<String> = self
-                    .channels
-                    .keys()
-                    .filter(|channel| !self.principal.may_subscribe(channel))
-                    .map(|channel| channel.to_string())
-                    .collect();
-                for channel in &revoked {
-                    self.leave(channel);
-                }
-                self.outbox.push_reply(
-                    ServerFrame::Reply {
-                        id,
-                        channels: None,
-                        errors: None,
-                        revoked: Some(&revoked),
-                        expires_at: Some(self.principal.expires_at),
-                        error: None,
-                    }
-                    .encode(),
-                );
-            }
-            Err(AuthError::SubjectChanged) => {
-                // Another user's token on this connection: end it.
-                self.node.metrics.auth_failed(&AuthError::SubjectChanged);
-                self.outbox.close(CloseCode::Forbidden);
-            }
-            Err(error) => {
-                self.node.metrics.auth_failed(&error);
-                self.node.metrics.client_error(ErrorCode::InvalidToken);
-                self.outbox.push_reply(
-                    ServerFrame::Reply {
-                        id,
-                        channels: None,
-                        errors: None,
-                        revoked: None,
-                        expires_at: None,
-                        error: Some(ReplyError {
-                            code: ErrorCode::InvalidToken,
-                            message: format!("{} ({})", error, error.code()),
-                        }),
-                    }
-                    .encode(),
-                );
-            }
-        }
-    }
-}
-
-/// `text` cut to at most `max` bytes, at a character boundary.
-fn truncated(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
 }
 
 #[derive(Clone, Copy)]
@@ -744,13 +465,6 @@ mod tests {
         let mut payload = vec![0u8; length as usize];
         io.read_exact(&mut payload).await.unwrap();
         (head[0] & 0x0f, payload)
-    }
-
-    #[test]
-    fn truncation_keeps_characters_whole() {
-        assert_eq!(truncated("abcdef".into(), 3), "abc");
-        assert_eq!(truncated("abc".into(), 3), "abc");
-        assert_eq!(truncated("aé".into(), 2), "a");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

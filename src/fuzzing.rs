@@ -323,9 +323,22 @@ pub fn request(data: &[u8]) {
     match protocol::parse_request(data) {
         Ok(request) => {
             let encoded = match &request {
-                Request::Subscribe { id, channels } => {
+                Request::Subscribe {
+                    id,
+                    channels,
+                    since,
+                } => {
                     assert!(!channels.is_empty());
-                    json!({"op": "subscribe", "id": id, "channels": channels})
+                    let since: serde_json::Map<String, serde_json::Value> = since
+                        .iter()
+                        .map(|(channel, position)| {
+                            (
+                                channel.clone(),
+                                json!({"offset": position.offset, "epoch": &*position.epoch}),
+                            )
+                        })
+                        .collect();
+                    json!({"op": "subscribe", "id": id, "channels": channels, "since": since})
                 }
                 Request::Unsubscribe { id, channels } => {
                     assert!(!channels.is_empty());

@@ -25,9 +25,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
+use tracing::warn;
 
 use crate::channel::Pattern;
 use crate::config::Config;
+use crate::history::cursor::{Cursor, Outcome, Sink};
+use crate::history::{HistoryRule, Since, Snapshot, Unrecoverable};
 use crate::metrics::Metrics;
 use crate::outbox::{ChannelKey, DeliveryPolicy, Outbox};
 use crate::protocol;
@@ -51,7 +54,7 @@ struct Shared {
     /// Picks a shard for a channel name.
     hasher: std::collections::hash_map::RandomState,
     /// `[[channels]]` rules, first match wins.
-    rules: Vec<(Pattern, DeliveryPolicy)>,
+    rules: Vec<(Pattern, DeliveryPolicy, Option<HistoryRule>)>,
     /// Source of [`ChannelKey`]s: every subscription gets a new one, so that
     /// nothing an outbox holds for a past subscription (a pending conflated
     /// entry, a held rate-limited one) is taken for the current one.
@@ -60,6 +63,17 @@ struct Shared {
     interest: Option<Interest>,
     /// Payloads larger than this are dropped, not delivered.
     max_publish_bytes: usize,
+    /// `limits.queue_bytes`: a recovery larger than this is refused.
+    queue_bytes: usize,
+    /// History channels whose cursor wants a fill from the stream. Each
+    /// appears once, so it is bounded by the history channels with local
+    /// subscribers.
+    fills: Mutex<HashSet<Arc<str>>>,
+    fills_due: Notify,
+    /// When the last unsequenced message on a history channel was logged, in
+    /// milliseconds since `started`: the warning is rate-limited.
+    unsequenced_logged_ms: AtomicU64,
+    started: std::time::Instant,
     metrics: Metrics,
 }
 
@@ -69,6 +83,19 @@ struct ChannelEntry {
     subscribers: Arc<Vec<Subscriber>>,
     /// Each connection's index in `subscribers`, for O(1) removal.
     positions: HashMap<ConnectionId, usize>,
+    /// History channels: the node's one cursor on the channel, shared with
+    /// the deliveries, fills and joins in progress. Lock order: a cursor, then
+    /// a shard, never the reverse.
+    history: Option<(HistoryRule, Arc<Mutex<Cursor>>)>,
+    /// Connections joining with recovery: they keep the channel wanted before
+    /// they are in `subscribers`.
+    joining: u32,
+}
+
+impl ChannelEntry {
+    fn is_empty(&self) -> bool {
+        self.subscribers.is_empty() && self.joining == 0
+    }
 }
 
 /// One connection's subscription to a channel.
@@ -110,7 +137,7 @@ impl Hub {
                     slow: rule.policy,
                     min_interval: rule.max_rate_hz.map(|hz| Duration::from_secs_f64(1.0 / hz)),
                 };
-                (pattern, policy)
+                (pattern, policy, HistoryRule::from_config(rule))
             })
             .collect();
         Hub {
@@ -124,6 +151,11 @@ impl Hub {
                     notify: Notify::new(),
                 }),
                 max_publish_bytes: config.limits.max_publish_bytes,
+                queue_bytes: config.limits.queue_bytes,
+                fills: Mutex::new(HashSet::new()),
+                fills_due: Notify::new(),
+                unsequenced_logged_ms: AtomicU64::new(0),
+                started: std::time::Instant::now(),
                 metrics,
             }),
         }
@@ -136,12 +168,33 @@ impl Hub {
 
     /// The delivery policy `[[channels]]` gives `channel`.
     pub fn policy_for(&self, channel: &str) -> DeliveryPolicy {
+        self.rule_for(channel).0
+    }
+
+    /// The history settings `[[channels]]` give `channel`, if it has history.
+    pub fn history_rule(&self, channel: &str) -> Option<HistoryRule> {
+        self.rule_for(channel).1
+    }
+
+    fn rule_for(&self, channel: &str) -> (DeliveryPolicy, Option<HistoryRule>) {
         self.shared
             .rules
             .iter()
-            .find(|(pattern, _)| pattern.matches(channel))
-            .map(|(_, policy)| *policy)
+            .find(|(pattern, _, _)| pattern.matches(channel))
+            .map(|(_, policy, history)| (*policy, *history))
             .unwrap_or_default()
+    }
+
+    fn new_entry(&self, channel: &str) -> ChannelEntry {
+        let (policy, history) = self.rule_for(channel);
+        ChannelEntry {
+            policy,
+            subscribers: Arc::new(Vec::new()),
+            positions: HashMap::new(),
+            history: history
+                .map(|rule| (rule, Arc::new(Mutex::new(Cursor::new(rule.recover_max))))),
+            joining: 0,
+        }
     }
 
     /// Adds a subscriber. Idempotent per connection and channel.
@@ -160,18 +213,24 @@ impl Hub {
             }
             None => {
                 let name: Arc<str> = channel.into();
-                let entry = ChannelEntry {
-                    policy: self.policy_for(channel),
-                    subscribers: Arc::new(Vec::new()),
-                    positions: HashMap::new(),
-                };
+                let entry = self.new_entry(channel);
                 self.shared.metrics.channels_changed(1);
                 self.mark_dirty(&name);
                 let entry = shard.entry(name.clone()).or_insert(entry);
                 (name, entry)
             }
         };
-        let key = match entry.positions.get(&connection) {
+        let key = self.add_subscriber(entry, connection, outbox);
+        Subscribed { channel: name, key }
+    }
+
+    fn add_subscriber(
+        &self,
+        entry: &mut ChannelEntry,
+        connection: ConnectionId,
+        outbox: &Arc<Outbox>,
+    ) -> ChannelKey {
+        match entry.positions.get(&connection) {
             Some(&index) => entry.subscribers[index].key,
             None => {
                 self.shared.metrics.subscriptions_changed(1);
@@ -185,8 +244,7 @@ impl Hub {
                 });
                 key
             }
-        };
-        Subscribed { channel: name, key }
+        }
     }
 
     /// Removes a subscriber; the channel goes when its last subscriber does.
@@ -203,7 +261,7 @@ impl Hub {
                 entry.positions.insert(moved.connection, index);
             }
         }
-        if entry.subscribers.is_empty() {
+        if entry.is_empty() {
             if let Some((name, _)) = shard.remove_entry(channel) {
                 self.shared.metrics.channels_changed(-1);
                 self.mark_dirty(&name);
@@ -211,17 +269,37 @@ impl Hub {
         }
     }
 
-    /// Fans a published payload out to the local subscribers of `channel`.
-    /// Encodes once, never waits on a connection. Returns the subscriber count.
+    /// Fans a message off the broker out to the local subscribers of
+    /// `channel`: a sequenced one (in the history envelope) through the
+    /// channel's cursor, a raw one at once. Encodes once, never waits on a
+    /// connection. Returns the subscriber count.
     pub fn deliver(&self, channel: &str, payload: &[u8]) -> usize {
+        if let Some(envelope) = crate::history::parse_envelope(payload) {
+            return self.deliver_sequenced(
+                channel,
+                envelope.epoch,
+                envelope.offset,
+                Bytes::copy_from_slice(envelope.payload),
+            );
+        }
         self.shared.metrics.message_received();
-        let (subscribers, policy) = {
+        let (subscribers, policy, history) = {
             let shard = read(self.shard(channel));
             let Some(entry) = shard.get(channel) else {
+                if self.history_rule(channel).is_some() {
+                    self.unsequenced(channel);
+                }
                 return 0;
             };
-            (entry.subscribers.clone(), entry.policy)
+            (
+                entry.subscribers.clone(),
+                entry.policy,
+                entry.history.is_some(),
+            )
         };
+        if history {
+            self.unsequenced(channel);
+        }
         if payload.len() > self.shared.max_publish_bytes {
             self.shared
                 .metrics
@@ -235,6 +313,383 @@ impl Hub {
                 .push_message(&frame, subscriber.key, &policy);
         }
         subscribers.len()
+    }
+
+    /// A raw message on a history channel: delivered live without an offset,
+    /// counted, and logged at most once a minute.
+    fn unsequenced(&self, channel: &str) {
+        self.shared.metrics.message_unsequenced();
+        let now = self.shared.started.elapsed().as_millis() as u64;
+        let logged = self.shared.unsequenced_logged_ms.load(Ordering::Relaxed);
+        if (logged == 0 || now.saturating_sub(logged) >= 60_000)
+            && self
+                .shared
+                .unsequenced_logged_ms
+                .compare_exchange(logged, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            warn!(
+                channel,
+                "a raw PUBLISH reached a history channel: delivered without an offset, and \
+                 not recoverable; publish with FCALL herald_publish (logged at most once a minute)"
+            );
+        }
+    }
+
+    /// Delivers a sequenced message through the channel's cursor, which keeps
+    /// the channel gap-free: in order, without duplicates, filling holes from
+    /// the stream. Returns the subscriber count.
+    pub fn deliver_sequenced(
+        &self,
+        channel: &str,
+        epoch: &str,
+        offset: u64,
+        payload: Bytes,
+    ) -> usize {
+        self.shared.metrics.message_received();
+        let (cursor, policy) = {
+            let shard = read(self.shard(channel));
+            let Some(entry) = shard.get(channel) else {
+                return 0;
+            };
+            match &entry.history {
+                Some((_, cursor)) => (cursor.clone(), entry.policy),
+                None => {
+                    // This node has no history for the channel (its rules
+                    // differ from the publisher's): deliver it as it is.
+                    drop(shard);
+                    return self.deliver_plain(channel, &payload);
+                }
+            }
+        };
+        let mut sink = HubSink::new(self, channel, policy);
+        let outcome = lock(&cursor).live(epoch, offset, payload, &mut sink);
+        self.after_step(channel, outcome);
+        sink.subscribers.map(|s| s.len()).unwrap_or(0)
+    }
+
+    fn deliver_plain(&self, channel: &str, payload: &[u8]) -> usize {
+        let (subscribers, policy) = {
+            let shard = read(self.shard(channel));
+            let Some(entry) = shard.get(channel) else {
+                return 0;
+            };
+            (entry.subscribers.clone(), entry.policy)
+        };
+        let frame: Bytes = protocol::encode_message(channel, payload);
+        for subscriber in subscribers.iter() {
+            subscriber
+                .outbox
+                .push_message(&frame, subscriber.key, &policy);
+        }
+        subscribers.len()
+    }
+
+    /// Counts what a cursor step did and schedules the fill it asked for.
+    fn after_step(&self, channel: &str, outcome: Outcome) {
+        let metrics = &self.shared.metrics;
+        if outcome.duplicates > 0 {
+            metrics.history_duplicates(outcome.duplicates);
+        }
+        if outcome.overflowed > 0 {
+            metrics.history_buffer_overflowed(outcome.overflowed);
+        }
+        if outcome.filled > 0 {
+            metrics.history_filled(outcome.filled);
+        }
+        if outcome.fill {
+            self.schedule_fill(channel);
+        }
+    }
+
+    /// Asks the filler to bring `channel`'s cursor up to the stream.
+    pub fn schedule_fill(&self, channel: &str) {
+        let name: Arc<str> = match read(self.shard(channel)).get_key_value(channel) {
+            Some((name, entry)) if entry.history.is_some() => name.clone(),
+            _ => return,
+        };
+        lock(&self.shared.fills).insert(name);
+        self.shared.fills_due.notify_one();
+    }
+
+    /// Takes the channels due for a fill.
+    pub fn take_fills(&self) -> Vec<Arc<str>> {
+        lock(&self.shared.fills).drain().collect()
+    }
+
+    /// Waits until a fill is scheduled. Cancel-safe.
+    pub async fn fills_due(&self) {
+        self.shared.fills_due.notified().await
+    }
+
+    /// Starts a fill of `channel`: the offset to read from and how many
+    /// entries, or `None` when none may run now.
+    pub fn begin_fill(&self, channel: &str) -> Option<(u64, usize)> {
+        let (rule, cursor) = self.cursor(channel)?;
+        let from = lock(&cursor).begin_fill()?;
+        Some((from, rule.recover_max as usize + 1))
+    }
+
+    /// Ends a fill with what the stream held (`None`: the read failed).
+    pub fn complete_fill(&self, channel: &str, snapshot: Option<&Snapshot>) {
+        let Some((_, cursor)) = self.cursor(channel) else {
+            return;
+        };
+        let policy = self.policy_for(channel);
+        let mut sink = HubSink::new(self, channel, policy);
+        let outcome = lock(&cursor).complete_fill(snapshot, &mut sink);
+        self.after_step(channel, outcome);
+    }
+
+    fn cursor(&self, channel: &str) -> Option<(HistoryRule, Arc<Mutex<Cursor>>)> {
+        let shard = read(self.shard(channel));
+        let (rule, cursor) = shard.get(channel)?.history.as_ref()?;
+        Some((*rule, cursor.clone()))
+    }
+
+    /// Every history channel with local subscribers, for the periodic check.
+    pub fn history_channels(&self) -> Vec<Arc<str>> {
+        self.shared
+            .shards
+            .iter()
+            .flat_map(|shard| {
+                read(shard)
+                    .iter()
+                    .filter(|(_, entry)| entry.history.is_some())
+                    .map(|(name, _)| name.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// After the broker lost `channels` for a while (a reconnect, a stall, a
+    /// moved slot): history channels are filled from their streams, and the
+    /// others' subscribers get a `gap`. Returns how many connections got one.
+    pub fn lost(&self, channels: &[Arc<str>]) -> usize {
+        let mut plain = Vec::new();
+        for channel in channels {
+            if self.history_rule(channel).is_some() {
+                self.schedule_fill(channel);
+            } else {
+                plain.push(channel.clone());
+            }
+        }
+        self.send_gap(&plain)
+    }
+
+    /// The position of `channel` for a connection already subscribed to it.
+    pub fn position(&self, channel: &str) -> Option<(Arc<str>, u64)> {
+        let (_, cursor) = self.cursor(channel)?;
+        let position = lock(&cursor).position();
+        Some(position)
+    }
+
+    /// Starts a connection's subscription to a history channel: the channel
+    /// becomes wanted at the broker, and its cursor is paused until the join
+    /// is finished (or dropped), so that the recovery read from the stream
+    /// lines up with live delivery.
+    pub fn begin_join(&self, connection: ConnectionId, channel: &str) -> Join {
+        let (name, rule, cursor) = {
+            let mut shard = write(self.shard(channel));
+            if !shard.contains_key(channel) {
+                let name: Arc<str> = channel.into();
+                self.shared.metrics.channels_changed(1);
+                self.mark_dirty(&name);
+                shard.insert(name, self.new_entry(channel));
+            }
+            let (name, entry) = shard.get_key_value(channel).expect("just inserted");
+            let name = name.clone();
+            let (rule, cursor) = entry.history.clone().expect("a history channel");
+            shard.get_mut(channel).expect("present").joining += 1;
+            (name, rule, cursor)
+        };
+        let (paused_at, synced) = {
+            let mut cursor = lock(&cursor);
+            (cursor.pause(), cursor.is_synced())
+        };
+        Join {
+            hub: self.clone(),
+            connection,
+            channel: name,
+            rule,
+            cursor,
+            paused_at,
+            synced,
+            finished: false,
+        }
+    }
+
+    /// Finishes joins whose stream reads are done: each cursor is brought up
+    /// to its read, the connection becomes a subscriber, `reply` queues the
+    /// subscribe reply (with the positions in `outcomes`), then each recovery
+    /// is queued, and only then do the cursors move on. All of it holds the
+    /// joins' cursors, so no live message of these channels can come between.
+    ///
+    /// Returns the indices of joins whose read is stale (another join moved
+    /// the cursor past it): nothing was done, read them again and call this
+    /// again. `last_try` finishes them anyway, as well as it can.
+    pub fn finish_joins(
+        &self,
+        outbox: &Arc<Outbox>,
+        joins: &mut [JoinRead],
+        last_try: bool,
+        reply: impl FnOnce(&[JoinOutcome]),
+    ) -> Vec<usize> {
+        let cursors: Vec<Arc<Mutex<Cursor>>> =
+            joins.iter().map(|read| read.join.cursor.clone()).collect();
+        let mut order: Vec<usize> = (0..joins.len()).collect();
+        order.sort_by_key(|&i| Arc::as_ptr(&cursors[i]) as usize);
+        let mut guards: Vec<Option<std::sync::MutexGuard<'_, Cursor>>> =
+            (0..joins.len()).map(|_| None).collect();
+        for &i in &order {
+            guards[i] = Some(lock(&cursors[i]));
+        }
+        if !last_try {
+            let stale: Vec<usize> = (0..joins.len())
+                .filter(|&i| {
+                    let cursor = guards[i].as_ref().expect("locked");
+                    let read = &joins[i];
+                    read.since.is_some()
+                        && cursor.is_synced()
+                        && read.snapshot.epoch.as_deref() == Some(&*cursor.position().0)
+                        && cursor.position().1 > read.snapshot.top
+                })
+                .collect();
+            if !stale.is_empty() {
+                return stale;
+            }
+        }
+        let mut outcomes = Vec::with_capacity(joins.len());
+        let mut recoveries: Vec<(ChannelKey, DeliveryPolicy, Vec<Bytes>)> = Vec::new();
+        for (i, read) in joins.iter_mut().enumerate() {
+            let cursor = guards[i].as_mut().expect("locked");
+            let join = &mut read.join;
+            let policy = self.policy_for(&join.channel);
+            let mut sink = HubSink::new(self, &join.channel, policy);
+            let outcome = cursor.apply(&read.snapshot, &mut sink);
+            self.after_step(&join.channel, outcome);
+            let (epoch, last) = cursor.position();
+            let recovery = read.since.as_ref().map(|since| {
+                self.recover(
+                    &join.channel,
+                    since,
+                    &read.snapshot,
+                    &epoch,
+                    last,
+                    join.rule,
+                )
+            });
+            let key = {
+                let mut shard = write(self.shard(&join.channel));
+                let entry = shard.get_mut(&*join.channel).expect("kept by the join");
+                entry.joining -= 1;
+                self.add_subscriber(entry, join.connection, outbox)
+            };
+            join.finished = true;
+            let recovered = match &recovery {
+                Some(Ok(frames)) => {
+                    self.shared.metrics.history_recovery(None);
+                    recoveries.push((key, policy, frames.clone()));
+                    Some(Ok(()))
+                }
+                Some(Err(reason)) => {
+                    self.shared.metrics.history_recovery(Some(*reason));
+                    Some(Err(*reason))
+                }
+                None => None,
+            };
+            outcomes.push(JoinOutcome {
+                channel: join.channel.clone(),
+                key,
+                epoch,
+                offset: last,
+                recovered,
+            });
+        }
+        reply(&outcomes);
+        for (key, policy, frames) in recoveries {
+            for frame in &frames {
+                outbox.push_message(frame, key, &policy);
+            }
+        }
+        for (i, read) in joins.iter().enumerate() {
+            let cursor = guards[i].as_mut().expect("locked");
+            let policy = self.policy_for(&read.join.channel);
+            let mut sink = HubSink::new(self, &read.join.channel, policy);
+            let outcome = cursor.resume(&mut sink);
+            self.after_step(&read.join.channel, outcome);
+        }
+        Vec::new()
+    }
+
+    /// The frames that bring a client from `since` to the cursor's `last`,
+    /// or why that cannot be done.
+    fn recover(
+        &self,
+        channel: &str,
+        since: &Since,
+        snapshot: &Snapshot,
+        epoch: &Arc<str>,
+        last: u64,
+        rule: HistoryRule,
+    ) -> Result<Vec<Bytes>, Unrecoverable> {
+        let Some(store_epoch) = &snapshot.epoch else {
+            return Err(Unrecoverable::UnknownChannel);
+        };
+        if *since.epoch != **store_epoch || *store_epoch != *epoch || since.offset > last {
+            return Err(Unrecoverable::EpochChanged);
+        }
+        if last - since.offset > rule.recover_max {
+            return Err(Unrecoverable::TooMany);
+        }
+        let wanted = since.offset + 1..=last;
+        let entries: Vec<&(u64, Bytes)> = snapshot
+            .entries
+            .iter()
+            .filter(|(offset, _)| wanted.contains(offset))
+            .collect();
+        let complete = entries.len() as u64 == last - since.offset
+            && entries
+                .iter()
+                .zip(wanted)
+                .all(|((offset, _), expected)| *offset == expected);
+        if !complete {
+            return Err(Unrecoverable::Trimmed);
+        }
+        let mut bytes = 0;
+        let mut frames = Vec::with_capacity(entries.len());
+        for (offset, payload) in entries {
+            let frame = protocol::encode_sequenced(channel, payload, *offset, epoch);
+            bytes += frame.len();
+            if bytes > self.shared.queue_bytes / 2 {
+                return Err(Unrecoverable::TooMany);
+            }
+            frames.push(frame);
+        }
+        self.shared
+            .metrics
+            .history_recovered_messages(frames.len() as u64);
+        Ok(frames)
+    }
+
+    fn abort_join(&self, join: &Join) {
+        {
+            let policy = self.policy_for(&join.channel);
+            let mut sink = HubSink::new(self, &join.channel, policy);
+            let outcome = lock(&join.cursor).resume(&mut sink);
+            self.after_step(&join.channel, outcome);
+        }
+        let mut shard = write(self.shard(&join.channel));
+        let Some(entry) = shard.get_mut(&*join.channel) else {
+            return;
+        };
+        entry.joining -= 1;
+        if entry.is_empty() {
+            if let Some((name, _)) = shard.remove_entry(&*join.channel) {
+                self.shared.metrics.channels_changed(-1);
+                self.mark_dirty(&name);
+            }
+        }
     }
 
     /// Tells every local subscriber of `channels` that messages may have been
@@ -304,6 +759,143 @@ impl Hub {
     }
 }
 
+/// A join in progress (see [`Hub::begin_join`]). Dropped unfinished (the
+/// read failed, or the connection went away meanwhile), it lets the channel go.
+pub struct Join {
+    hub: Hub,
+    connection: ConnectionId,
+    pub channel: Arc<str>,
+    pub rule: HistoryRule,
+    cursor: Arc<Mutex<Cursor>>,
+    /// The cursor's last offset when the join paused it.
+    paused_at: u64,
+    /// Whether the cursor had read the store before.
+    synced: bool,
+    finished: bool,
+}
+
+impl Join {
+    /// Where the join's read of the stream starts, and how many entries it
+    /// takes: enough for the client's recovery and for the cursor to catch up.
+    pub fn read_range(&self, since: Option<&Since>) -> (u64, usize) {
+        let count = self.rule.recover_max as usize + 1;
+        match (since, self.synced) {
+            (Some(since), true) => (since.offset.min(self.paused_at).saturating_add(1), count),
+            (Some(since), false) => (since.offset.saturating_add(1), count),
+            (None, true) => (self.paused_at + 1, count),
+            // Only the position is needed.
+            (None, false) => (1, 0),
+        }
+    }
+}
+
+impl Drop for Join {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.hub.clone().abort_join(self);
+        }
+    }
+}
+
+/// A join with its read of the stream, ready for [`Hub::finish_joins`].
+pub struct JoinRead {
+    pub join: Join,
+    pub since: Option<Since>,
+    pub snapshot: Snapshot,
+}
+
+/// What a finished join gives the subscribe reply.
+#[derive(Debug)]
+pub struct JoinOutcome {
+    pub channel: Arc<str>,
+    pub key: ChannelKey,
+    /// The channel's epoch (empty while it has no history) and top offset.
+    pub epoch: Arc<str>,
+    pub offset: u64,
+    /// For a join with `since`: whether it was recovered, or why not.
+    pub recovered: Option<Result<(), Unrecoverable>>,
+}
+
+/// Writes a cursor's decisions into the channel's subscribers' outboxes. The
+/// subscriber list is read once per step, under the cursor's lock, so a join
+/// (which adds its subscriber under that lock) is either wholly before or
+/// wholly after the step.
+struct HubSink<'a> {
+    hub: &'a Hub,
+    channel: &'a str,
+    policy: DeliveryPolicy,
+    subscribers: Option<Arc<Vec<Subscriber>>>,
+}
+
+impl<'a> HubSink<'a> {
+    fn new(hub: &'a Hub, channel: &'a str, policy: DeliveryPolicy) -> HubSink<'a> {
+        HubSink {
+            hub,
+            channel,
+            policy,
+            subscribers: None,
+        }
+    }
+
+    fn subscribers(&mut self) -> Arc<Vec<Subscriber>> {
+        self.subscribers
+            .get_or_insert_with(|| {
+                read(self.hub.shard(self.channel))
+                    .get(self.channel)
+                    .map(|entry| entry.subscribers.clone())
+                    .unwrap_or_default()
+            })
+            .clone()
+    }
+}
+
+impl Sink for HubSink<'_> {
+    fn deliver(&mut self, epoch: &Arc<str>, offset: u64, payload: &Bytes) {
+        let subscribers = self.subscribers();
+        if subscribers.is_empty() {
+            return;
+        }
+        if payload.len() > self.hub.shared.max_publish_bytes {
+            // The cursor moves past it: a fill would fetch it again.
+            self.hub
+                .shared
+                .metrics
+                .message_dropped("too_large", Some(self.policy.slow));
+            return;
+        }
+        let frame = protocol::encode_sequenced(self.channel, payload, offset, epoch);
+        for subscriber in subscribers.iter() {
+            subscriber
+                .outbox
+                .push_message(&frame, subscriber.key, &self.policy);
+        }
+    }
+
+    fn gap(&mut self) {
+        tracing::info!(
+            channel = self.channel,
+            "history channel lost messages for good: gap"
+        );
+        let subscribers = self.subscribers();
+        let channels = [self.channel.to_owned()];
+        let frame = protocol::ServerFrame::Gap {
+            channels: &channels,
+        }
+        .encode();
+        for subscriber in subscribers.iter() {
+            subscriber.outbox.push_reply(frame.clone());
+        }
+        self.hub
+            .shared
+            .metrics
+            .gap_notices(subscribers.len() as u64);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 // The maps stay consistent across a panic (each update is one insert or
 // remove), so a poisoned lock is still used.
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -369,7 +961,7 @@ mod tests {
         config.channels.push(crate::config::ChannelRule {
             pattern: "prices.*".into(),
             policy: crate::config::SlowPolicy::Conflate,
-            max_rate_hz: None,
+            ..Default::default()
         });
         let hub = Hub::new(&config, Metrics::new("test"), false);
         let (a, b) = (outbox(), outbox());

@@ -29,6 +29,7 @@ pub mod config;
 mod connection;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod history;
 mod http;
 pub mod hub;
 mod inbound;
@@ -37,6 +38,7 @@ pub mod outbox;
 pub mod protocol;
 mod rate;
 mod server;
+mod session;
 pub mod shutdown;
 pub mod tls;
 
@@ -144,8 +146,19 @@ async fn start(config: Config) -> Result<Node, StartError> {
             // install (another node in this process) is harmless.
             let _ = rustls::crypto::ring::default_provider().install_default();
             let hub = Hub::new(&config, metrics.clone(), true);
+            let library = config
+                .channels
+                .iter()
+                .any(|rule| history::HistoryRule::from_config(rule).is_some())
+                .then(|| {
+                    history::function::library(
+                        &config,
+                        config.broker.kind == BrokerKind::RedisCluster,
+                    )
+                });
             let broker = RedisBroker::start(
                 &config.broker,
+                library,
                 &id,
                 hub.clone(),
                 metrics.clone(),
@@ -155,6 +168,12 @@ async fn start(config: Config) -> Result<Node, StartError> {
             (hub, Arc::new(broker))
         }
     };
+    tokio::spawn(history::filler::run(
+        hub.clone(),
+        broker.clone(),
+        config.broker.history_check_interval,
+        shutdown.clone(),
+    ));
     Ok(Arc::new(NodeState {
         id,
         auth,

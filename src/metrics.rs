@@ -13,6 +13,7 @@ use prometheus::{
 
 use crate::auth::AuthError;
 use crate::config::SlowPolicy;
+use crate::history::Unrecoverable;
 use crate::protocol::{CloseCode, ErrorCode};
 
 /// Every `reason` of `herald_connections_rejected_total`.
@@ -79,6 +80,14 @@ struct Inner {
     broker_links: IntGauge,
     broker_links_up: IntGauge,
     broker_roundtrip: Histogram,
+    broker_function_load_failures: IntCounter,
+    messages_unsequenced: IntCounter,
+    history_duplicates: IntCounter,
+    history_buffer_overflows: IntCounter,
+    history_filled: IntCounter,
+    history_recoveries: IntCounterVec,
+    history_recovered_messages: IntCounter,
+    history_fetch: Histogram,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -277,6 +286,57 @@ impl Metrics {
                     .expect("metric registered once");
                 metric
             },
+            broker_function_load_failures: counter(
+                r,
+                "broker_function_load_failures_total",
+                "Failed loads of the herald Redis Function library (history channels cannot be published).",
+            ),
+            messages_unsequenced: counter(
+                r,
+                "messages_unsequenced_total",
+                "Messages on history channels that arrived without an offset (a raw PUBLISH): delivered live, not recoverable.",
+            ),
+            history_duplicates: counter(
+                r,
+                "history_duplicates_total",
+                "Messages on history channels dropped because the node had delivered their offset already.",
+            ),
+            history_buffer_overflows: counter(
+                r,
+                "history_buffer_overflows_total",
+                "Live messages on history channels not buffered during a fill or join because the buffer was full; the next fill fetches them.",
+            ),
+            history_filled: counter(
+                r,
+                "history_filled_messages_total",
+                "Messages the node fetched from history to fill a gap on its own channels.",
+            ),
+            history_recoveries: counter_vec(
+                r,
+                "history_recoveries_total",
+                "Client recoveries (subscribes with since), by outcome and reason.",
+                &["outcome", "reason"],
+            ),
+            history_recovered_messages: counter(
+                r,
+                "history_recovered_messages_total",
+                "Messages replayed to clients by recoveries.",
+            ),
+            history_fetch: {
+                let metric = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "history_fetch_seconds",
+                        "Reads of a history channel's stream: fills, joins and periodic checks.",
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    ]),
+                )
+                .expect("valid metric");
+                r.register(Box::new(metric.clone()))
+                    .expect("metric registered once");
+                metric
+            },
             registry,
         };
         let metrics = Metrics {
@@ -316,6 +376,14 @@ impl Metrics {
         }
         for result in ["ok", "error"] {
             inner.tls_reloads.with_label_values(&[result]);
+        }
+        inner
+            .history_recoveries
+            .with_label_values(&["recovered", "none"]);
+        for reason in Unrecoverable::ALL {
+            inner
+                .history_recoveries
+                .with_label_values(&["failed", reason.as_str()]);
         }
     }
 
@@ -474,6 +542,46 @@ impl Metrics {
 
     pub fn broker_roundtrip(&self, elapsed: Duration) {
         self.inner.broker_roundtrip.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn broker_function_load_failed(&self) {
+        self.inner.broker_function_load_failures.inc();
+    }
+
+    pub fn message_unsequenced(&self) {
+        self.inner.messages_unsequenced.inc();
+    }
+
+    pub fn history_duplicates(&self, count: u64) {
+        self.inner.history_duplicates.inc_by(count);
+    }
+
+    pub fn history_buffer_overflowed(&self, count: u64) {
+        self.inner.history_buffer_overflows.inc_by(count);
+    }
+
+    pub fn history_filled(&self, count: u64) {
+        self.inner.history_filled.inc_by(count);
+    }
+
+    /// A recovery: `None` when it succeeded, else why not.
+    pub fn history_recovery(&self, failure: Option<Unrecoverable>) {
+        let labels = match failure {
+            None => ["recovered", "none"],
+            Some(reason) => ["failed", reason.as_str()],
+        };
+        self.inner
+            .history_recoveries
+            .with_label_values(&labels)
+            .inc();
+    }
+
+    pub fn history_recovered_messages(&self, count: u64) {
+        self.inner.history_recovered_messages.inc_by(count);
+    }
+
+    pub fn history_fetch(&self, elapsed: Duration) {
+        self.inner.history_fetch.observe(elapsed.as_secs_f64());
     }
 }
 

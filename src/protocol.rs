@@ -1,9 +1,13 @@
 //! Client protocol v1: requests, server frames, close codes and error codes.
 //! Pure: no I/O. `docs/PROTOCOL.md` is the prose version of this file.
 
+use std::collections::BTreeMap;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use serde_json::Value;
+
+use crate::history::Since;
 
 /// The subprotocol herald speaks; echoed when the client offers it.
 pub const SUBPROTOCOL: &str = "herald.v1";
@@ -163,6 +167,9 @@ pub enum Request {
     Subscribe {
         id: Option<RequestId>,
         channels: Vec<String>,
+        /// The positions the client already has, for recovery on history
+        /// channels.
+        since: Vec<(String, Since)>,
     },
     Unsubscribe {
         id: Option<RequestId>,
@@ -248,10 +255,15 @@ pub fn parse_request(text: &[u8]) -> Result<Request, RequestError> {
         }
     };
     match op.as_str() {
-        "subscribe" => Ok(Request::Subscribe {
-            id,
-            channels: channels()?,
-        }),
+        "subscribe" => {
+            let channels = channels()?;
+            let since = parse_since(id, object.remove("since"))?;
+            Ok(Request::Subscribe {
+                id,
+                channels,
+                since,
+            })
+        }
         "unsubscribe" => Ok(Request::Unsubscribe {
             id,
             channels: channels()?,
@@ -276,6 +288,52 @@ pub fn parse_request(text: &[u8]) -> Result<Request, RequestError> {
     }
 }
 
+/// Reads `"since": {"<channel>": {"offset": 41, "epoch": "Kx3d"}, ...}`.
+fn parse_since(
+    id: Option<RequestId>,
+    since: Option<Value>,
+) -> Result<Vec<(String, Since)>, RequestError> {
+    let bad = || {
+        RequestError::new(
+            id,
+            ErrorCode::InvalidRequest,
+            "since maps channels to {\"offset\": <integer>, \"epoch\": <string>}",
+        )
+    };
+    let entries = match since {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(entries)) => entries,
+        Some(_) => return Err(bad()),
+    };
+    entries
+        .into_iter()
+        .map(|(channel, position)| {
+            let Value::Object(position) = position else {
+                return Err(bad());
+            };
+            let offset = position
+                .get("offset")
+                .and_then(Value::as_u64)
+                .ok_or_else(bad)?;
+            let epoch = match position.get("epoch") {
+                Some(Value::String(epoch))
+                    if epoch.is_empty() || crate::history::is_epoch(epoch.as_bytes()) =>
+                {
+                    epoch.as_str()
+                }
+                _ => return Err(bad()),
+            };
+            Ok((
+                channel,
+                Since {
+                    epoch: epoch.into(),
+                    offset,
+                },
+            ))
+        })
+        .collect()
+}
+
 fn truncate(text: &str, max: usize) -> &str {
     match text.char_indices().nth(max) {
         Some((index, _)) => &text[..index],
@@ -298,6 +356,21 @@ pub struct ReplyError {
     pub message: String,
 }
 
+/// A history channel's position in a subscribe reply.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ReplyPosition {
+    /// The channel's top offset when the client subscribed.
+    pub offset: u64,
+    /// The channel's epoch; empty while the channel has no history.
+    pub epoch: String,
+    /// Present for channels named in `since`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<bool>,
+    /// Why the recovery failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+}
+
 /// Frames the node sends, other than deliveries (see [`encode_message`]).
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -317,6 +390,8 @@ pub enum ServerFrame<'a> {
         channels: Option<&'a [String]>,
         #[serde(skip_serializing_if = "Option::is_none")]
         errors: Option<&'a [ChannelError]>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        positions: Option<&'a BTreeMap<String, ReplyPosition>>,
         #[serde(skip_serializing_if = "Option::is_none")]
         revoked: Option<&'a [String]>,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -374,8 +449,18 @@ pub fn payload_encoding(payload: &[u8]) -> PayloadEncoding {
 /// Called once per published message per node; the result is shared by every
 /// subscriber.
 pub fn encode_message(channel: &str, payload: &[u8]) -> Bytes {
+    encode_delivery(channel, payload, None)
+}
+
+/// Encodes a delivery frame of a history channel, with its position:
+/// `{"type":"message","channel":...,"data":...,"offset":42,"epoch":"Kx3d"}`.
+pub fn encode_sequenced(channel: &str, payload: &[u8], offset: u64, epoch: &str) -> Bytes {
+    encode_delivery(channel, payload, Some((offset, epoch)))
+}
+
+fn encode_delivery(channel: &str, payload: &[u8], position: Option<(u64, &str)>) -> Bytes {
     const HEAD: &[u8] = br#"{"type":"message","channel":"#;
-    let mut out = BytesMut::with_capacity(HEAD.len() + channel.len() + payload.len() + 48);
+    let mut out = BytesMut::with_capacity(HEAD.len() + channel.len() + payload.len() + 96);
     out.put_slice(HEAD);
     write_json_string(&mut out, channel);
     out.put_slice(br#","data":"#);
@@ -395,6 +480,12 @@ pub fn encode_message(channel: &str, payload: &[u8]) -> Bytes {
             );
             out.put_slice(br#"","encoding":"base64""#);
         }
+    }
+    if let Some((offset, epoch)) = position {
+        out.put_slice(br#","offset":"#);
+        out.put_slice(offset.to_string().as_bytes());
+        out.put_slice(br#","epoch":"#);
+        write_json_string(&mut out, epoch);
     }
     out.put_u8(b'}');
     out.freeze()
@@ -455,8 +546,35 @@ mod tests {
             Ok(Request::Subscribe {
                 id: Some(1),
                 channels: vec!["prices.AAPL".into(), "news".into()],
+                since: Vec::new(),
             }),
         );
+        check(
+            r#"{"op":"subscribe","id":1,"channels":["n"],"since":{"n":{"offset":41,"epoch":"Kx3d"}}}"#,
+            Ok(Request::Subscribe {
+                id: Some(1),
+                channels: vec!["n".into()],
+                since: vec![(
+                    "n".into(),
+                    Since {
+                        epoch: "Kx3d".into(),
+                        offset: 41,
+                    },
+                )],
+            }),
+        );
+        for bad in [
+            r#""since":[]"#,
+            r#""since":{"n":41}"#,
+            r#""since":{"n":{"offset":-1,"epoch":"K"}}"#,
+            r#""since":{"n":{"offset":1}}"#,
+            r#""since":{"n":{"offset":1,"epoch":"K x"}}"#,
+        ] {
+            check(
+                &format!(r#"{{"op":"subscribe","id":2,"channels":["n"],{bad}}}"#),
+                Err((Some(2), ErrorCode::InvalidRequest)),
+            );
+        }
         check(
             r#"{"op":"unsubscribe","channels":["news"]}"#,
             Ok(Request::Unsubscribe {

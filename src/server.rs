@@ -543,9 +543,16 @@ async fn publish(request: Request<Incoming>, node: &Node) -> Response<Body> {
         .publish(&body.channel, Bytes::copy_from_slice(data.as_bytes()))
         .await
     {
-        Ok(()) => {
+        Ok(None) => {
             node.metrics.message_published();
             http::json(StatusCode::OK, json!({"ok": true}))
+        }
+        Ok(Some(position)) => {
+            node.metrics.message_published();
+            http::json(
+                StatusCode::OK,
+                json!({"ok": true, "offset": position.offset, "epoch": &*position.epoch}),
+            )
         }
         Err(error) => http::error(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", error),
     }

@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::history::{Position, Snapshot};
+
 /// A boxed broker future: brokers are used as trait objects.
 pub type BrokerFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BrokerError>> + Send + 'a>>;
 
@@ -27,11 +29,31 @@ pub enum BrokerError {
 pub trait Broker: Send + Sync + 'static {
     /// Publishes `payload` on `channel` to every node.
     ///
-    /// Guarantee: at most once. `Ok` means the broker accepted the message;
-    /// nodes subscribed at that moment receive it once, in publish order per
-    /// channel. A node that is disconnected from the broker misses it and tells
-    /// its clients with a `gap` frame after reconnecting.
-    fn publish<'a>(&'a self, channel: &'a str, payload: Bytes) -> BrokerFuture<'a, ()>;
+    /// Guarantee on a channel without history: at most once. `Ok` means the
+    /// broker accepted the message; nodes subscribed at that moment receive it
+    /// once, in publish order per channel. A node that is disconnected from
+    /// the broker misses it and tells its clients with a `gap` frame after
+    /// reconnecting.
+    ///
+    /// On a history channel the message is appended to the channel's history
+    /// and published with its offset in one atomic step (`herald_publish` on
+    /// Redis), and `Ok` carries that position. A node that misses it fetches it
+    /// from the history while the history holds it.
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        payload: Bytes,
+    ) -> BrokerFuture<'a, Option<Position>>;
+
+    /// Reads a history channel: its epoch and top offset, and up to `count`
+    /// entries from offset `from` on. A channel without history reads as an
+    /// empty [`Snapshot`].
+    fn read_history<'a>(
+        &'a self,
+        channel: &'a str,
+        from: u64,
+        count: usize,
+    ) -> BrokerFuture<'a, Snapshot>;
 
     /// Resolves when messages published on each of `channels` from now on reach
     /// this node. The hub already lists the channels as wanted; this waits for

@@ -482,6 +482,18 @@ pub fn rule(pattern: &str, policy: SlowPolicy, max_rate_hz: Option<f64>) -> Chan
         pattern: pattern.into(),
         policy,
         max_rate_hz,
+        ..Default::default()
+    }
+}
+
+/// A `[[channels]]` rule with history.
+pub fn history_rule(pattern: &str, size: u64, recover_max: u64) -> ChannelRule {
+    ChannelRule {
+        pattern: pattern.into(),
+        history_size: size,
+        history_ttl: Some(Duration::from_secs(600)),
+        recover_max,
+        ..Default::default()
     }
 }
 

@@ -31,7 +31,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::link::{self, Common, Link, Scope, Shard};
+use super::link::{self, Command, Common, Link, Reply, Scope, Shard};
 
 /// The number of hash slots in a Redis Cluster.
 const SLOTS: usize = 16_384;
@@ -157,12 +157,12 @@ impl Cluster {
             .any(|link| link.state() == link::UP)
     }
 
-    /// Publishes with `SPUBLISH` to the primary owning the channel's slot. A
-    /// redirection (the command did not run) waits for a fresh topology and
-    /// tries once more; any other failure is reported, never retried, since
-    /// Redis may already have run the command.
-    pub async fn publish(&self, channel: &str, payload: &[u8]) -> Result<(), String> {
-        let name = self.common.redis_channel(channel);
+    /// Runs `command` (`SPUBLISH`, `herald_publish`, `herald_read`) on the
+    /// connection to the primary owning `channel`'s slot. A redirection (the
+    /// command did not run) waits for a fresh topology and tries once more;
+    /// any other failure is reported, never retried, since Redis may already
+    /// have run the command.
+    pub async fn on_owner(&self, channel: &str, command: &Command<'_>) -> Result<Reply, String> {
         let mut redirected = false;
         loop {
             let link = self
@@ -171,8 +171,8 @@ impl Cluster {
             let mut connection = link
                 .connection()
                 .ok_or_else(|| format!("not connected to the Redis primary {}", link.label()))?;
-            match link.publish(&mut connection, &name, payload).await {
-                Ok(()) => return Ok(()),
+            match link.run(&mut connection, command).await {
+                Ok(value) => return Ok(value),
                 Err(error) if link::is_redirect(&error) && !redirected => {
                     redirected = true;
                     let mut version = self.topology.version.subscribe();

@@ -38,6 +38,7 @@ use tracing::{debug, info, warn};
 use super::cluster::Topology;
 use super::sentinel::{self, Sentinel};
 use crate::config::BrokerConfig;
+use crate::history::{Position, Snapshot, function};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 
@@ -60,6 +61,8 @@ pub(super) struct Common {
     /// `broker.channel_prefix`.
     pub prefix: String,
     pub node_id: String,
+    /// The `herald` Function library, when some channel has history.
+    pub library: Option<String>,
     pub shutdown: CancellationToken,
     /// Links in the UP state, and links that exist, for the metrics.
     pub links_up: AtomicI64,
@@ -145,6 +148,22 @@ pub(super) struct Link {
     /// Cancelled when the node stops or the link is retired (its primary left
     /// the cluster topology).
     stop: CancellationToken,
+}
+
+/// A command a link runs for a caller; channels are Redis names.
+pub(super) enum Command<'a> {
+    /// `PUBLISH`, or `SPUBLISH` on a shard.
+    Publish(&'a str, &'a [u8]),
+    /// `FCALL herald_publish`.
+    PublishHistory(&'a str, &'a [u8]),
+    /// `FCALL_RO herald_read`, from an offset, at most a count of entries.
+    ReadHistory(&'a str, u64, usize),
+}
+
+/// What a [`Command`] returns.
+pub(super) enum Reply {
+    Published(Option<Position>),
+    Snapshot(Snapshot),
 }
 
 /// A connection attempt that Redis refused for its credentials.
@@ -509,6 +528,93 @@ impl Link {
         Ok(())
     }
 
+    /// Runs a command for a caller (the publish API, a history read).
+    pub async fn run(
+        &self,
+        connection: &mut MultiplexedConnection,
+        command: &Command<'_>,
+    ) -> Result<Reply, RedisError> {
+        match *command {
+            Command::Publish(channel, payload) => self
+                .publish(connection, channel, payload)
+                .await
+                .map(|()| Reply::Published(None)),
+            Command::PublishHistory(channel, payload) => self
+                .publish_history(connection, channel, payload)
+                .await
+                .map(Reply::Published),
+            Command::ReadHistory(channel, from, count) => self
+                .read_history(connection, channel, from, count)
+                .await
+                .map(Reply::Snapshot),
+        }
+    }
+
+    /// Publishes on a history channel through `herald_publish`: appended to
+    /// the stream and published with its offset, atomically. Never retried.
+    pub async fn publish_history(
+        &self,
+        connection: &mut MultiplexedConnection,
+        channel: &str,
+        payload: &[u8],
+    ) -> Result<Option<Position>, RedisError> {
+        let (epoch, offset): (String, u64) = redis::cmd("FCALL")
+            .arg(function::PUBLISH)
+            .arg(1)
+            .arg(channel)
+            .arg(payload)
+            .query_async(connection)
+            .await?;
+        Ok((offset > 0).then(|| Position {
+            epoch: epoch.into(),
+            offset,
+        }))
+    }
+
+    /// Reads a history channel through `herald_read`.
+    pub async fn read_history(
+        &self,
+        connection: &mut MultiplexedConnection,
+        channel: &str,
+        from: u64,
+        count: usize,
+    ) -> Result<Snapshot, RedisError> {
+        let reply: Vec<Value> = redis::cmd("FCALL_RO")
+            .arg(function::READ)
+            .arg(1)
+            .arg(channel)
+            .arg(from)
+            .arg(count)
+            .query_async(connection)
+            .await?;
+        parse_snapshot(reply).ok_or_else(|| {
+            RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "herald_read returned an unexpected reply",
+            ))
+        })
+    }
+
+    /// Loads the `herald` Function library, when some channel has history.
+    /// A failure (Redis older than 7, an ACL without FUNCTION) is logged and
+    /// counted, not fatal: plain channels keep working, and history publishes
+    /// report the error to their callers.
+    async fn load_library(&self, connection: &mut MultiplexedConnection) {
+        let Some(library) = &self.common.library else {
+            return;
+        };
+        let loaded: Result<Value, RedisError> = redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(library)
+            .query_async(connection)
+            .await;
+        if let Err(error) = loaded {
+            self.common.metrics.broker_function_load_failed();
+            warn!(link = %self.label(), %error, "could not load the herald Redis Function library; history channels cannot be published");
+        }
+    }
+
     /// With Sentinel: whether the Sentinels now name another primary than the
     /// one connected to. A Sentinel that cannot be asked changes nothing.
     async fn primary_moved(&self) -> Option<String> {
@@ -541,6 +647,7 @@ impl Link {
             .map(|c| self.common.redis_channel(c))
             .collect();
         names.push(lock(&self.probe_channel).clone());
+        self.load_library(connection).await;
         let started = Instant::now();
         self.change_subscriptions(connection, true, names).await?;
         self.common.metrics.broker_roundtrip(started.elapsed());
@@ -601,7 +708,7 @@ impl Link {
                         .collect()
                 };
                 if !moved.is_empty() {
-                    let notified = self.common.hub.send_gap(&moved);
+                    let notified = self.common.hub.lost(&moved);
                     self.common.metrics.gap_notices(notified as u64);
                 }
             }
@@ -610,6 +717,45 @@ impl Link {
         self.epoch.send_modify(|epoch| *epoch += 1);
         Ok(())
     }
+}
+
+/// Reads `herald_read`'s reply: `[epoch, top, offset, payload, ...]`.
+fn parse_snapshot(reply: Vec<Value>) -> Option<Snapshot> {
+    fn text(value: &Value) -> Option<&[u8]> {
+        match value {
+            Value::BulkString(bytes) => Some(bytes),
+            Value::SimpleString(text) => Some(text.as_bytes()),
+            _ => None,
+        }
+    }
+    fn integer(value: &Value) -> Option<u64> {
+        match value {
+            Value::Int(n) => u64::try_from(*n).ok(),
+            other => std::str::from_utf8(text(other)?).ok()?.parse().ok(),
+        }
+    }
+    let mut values = reply.into_iter();
+    let epoch = values.next()?;
+    let epoch = text(&epoch)?;
+    let top = integer(&values.next()?)?;
+    if epoch.is_empty() {
+        return Some(Snapshot::default());
+    }
+    let epoch = std::str::from_utf8(epoch).ok()?;
+    let mut entries = Vec::new();
+    while let Some(offset) = values.next() {
+        let offset = integer(&offset)?;
+        let payload = match values.next()? {
+            Value::BulkString(bytes) => bytes::Bytes::from(bytes),
+            _ => return None,
+        };
+        entries.push((offset, payload));
+    }
+    Some(Snapshot {
+        epoch: Some(epoch.into()),
+        top,
+        entries,
+    })
 }
 
 /// Locks a mutex whose data stays consistent across a panic.
@@ -675,7 +821,7 @@ pub(super) async fn supervise(link: Arc<Link>, mut first: Option<MultiplexedConn
         link.set_state(UP, Some(live.clone()));
         // Clients subscribed while the link was not connected (an outage, or
         // before the first connection) may have missed messages.
-        let notified = link.common.hub.send_gap(&channels);
+        let notified = link.common.hub.lost(&channels);
         link.common.metrics.gap_notices(notified as u64);
         if connected_before {
             link.common
@@ -751,11 +897,30 @@ async fn steady(
                         let payload = probe_sequence.to_string();
                         let channel = lock(&link.probe_channel).clone();
                         debug!(sequence = *probe_sequence, "probe sent");
-                        if let Err(error) = link.publish(live, &channel, payload.as_bytes()).await {
-                            link.common.metrics.broker_probe_failed();
-                            if is_redirect(&error) {
-                                link.topology_suspect();
+                        // A stalled connection does not answer the PUBLISH
+                        // either: it is bounded by the probe timeout, not the
+                        // (longer) command timeout, so that a stall is seen
+                        // within probe_interval + probe_timeout.
+                        let published = tokio::time::timeout(
+                            config.probe_timeout,
+                            link.publish(live, &channel, payload.as_bytes()),
+                        )
+                        .await;
+                        let error = match published {
+                            Ok(Ok(())) => None,
+                            Ok(Err(error)) => {
+                                if is_redirect(&error) {
+                                    link.topology_suspect();
+                                }
+                                Some(error.to_string())
                             }
+                            Err(_) => Some(format!(
+                                "no reply within the probe timeout ({:?})",
+                                config.probe_timeout
+                            )),
+                        };
+                        if let Some(error) = error {
+                            link.common.metrics.broker_probe_failed();
                             return Lost::Error(format!("probe publish failed: {error}"));
                         }
                         probe_due = Some((*probe_sequence, now + config.probe_timeout));
@@ -786,6 +951,7 @@ mod tests {
             config: BrokerConfig::default(),
             prefix: String::new(),
             node_id: "test".into(),
+            library: None,
             shutdown: CancellationToken::new(),
             links_up: AtomicI64::new(0),
             links: AtomicI64::new(0),

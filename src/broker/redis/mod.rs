@@ -9,8 +9,10 @@
 //! Standalone Redis has one link; Redis Cluster has one per primary, routed by
 //! hash slot ([`cluster`]).
 //!
-//! Delivery is at most once across an outage: after any loss a link
-//! resubscribes and sends the affected subscribers a `gap` frame.
+//! Delivery on a channel without history is at most once across an outage:
+//! after any loss a link resubscribes and sends the affected subscribers a
+//! `gap` frame. History channels are filled from their streams instead
+//! ([`crate::history`]).
 
 mod cluster;
 mod link;
@@ -27,10 +29,11 @@ use tracing::{Instrument, warn};
 
 use crate::broker::{Broker, BrokerError, BrokerFuture};
 use crate::config::{BrokerConfig, BrokerKind, ConfigError};
+use crate::history::{Position, Snapshot};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use cluster::Cluster;
-use link::{Common, Link, Scope};
+use link::{Command, Common, Link, Reply, Scope};
 use sentinel::Sentinel;
 
 /// Checks the broker URLs without connecting.
@@ -119,8 +122,12 @@ impl RedisBroker {
     /// Connects (or, when Redis is down, starts retrying in the background)
     /// and starts the supervisors. A malformed URL or refused authentication
     /// is an error; an unreachable Redis is not.
+    /// `library` is the `herald` Redis Function library
+    /// ([`crate::history::function`]), loaded on every connection when some
+    /// channel has history.
     pub async fn start(
         config: &BrokerConfig,
+        library: Option<String>,
         node_id: &str,
         hub: Hub,
         metrics: Metrics,
@@ -133,6 +140,7 @@ impl RedisBroker {
             config: config.clone(),
             prefix: config.channel_prefix.clone(),
             node_id: node_id.to_owned(),
+            library,
             shutdown,
             links_up: AtomicI64::new(0),
             links: AtomicI64::new(0),
@@ -191,26 +199,62 @@ impl RedisBroker {
     }
 }
 
-impl Broker for RedisBroker {
-    fn publish<'a>(&'a self, channel: &'a str, payload: Bytes) -> BrokerFuture<'a, ()> {
-        Box::pin(async move {
-            match &self.inner {
-                Inner::Standalone(link) => {
-                    let Some(mut connection) = link.connection() else {
-                        return Err(BrokerError::Unavailable("not connected to Redis".into()));
-                    };
-                    link.publish(
-                        &mut connection,
-                        &self.common.redis_channel(channel),
-                        &payload,
-                    )
+impl RedisBroker {
+    /// Runs `command` on the connection that carries `channel`.
+    async fn on_channel(&self, channel: &str, command: &Command<'_>) -> Result<Reply, BrokerError> {
+        match &self.inner {
+            Inner::Standalone(link) => {
+                let Some(mut connection) = link.connection() else {
+                    return Err(BrokerError::Unavailable("not connected to Redis".into()));
+                };
+                link.run(&mut connection, command)
                     .await
                     .map_err(|e| BrokerError::Unavailable(e.to_string()))
-                }
-                Inner::Cluster(cluster) => cluster
-                    .publish(channel, &payload)
-                    .await
-                    .map_err(BrokerError::Unavailable),
+            }
+            Inner::Cluster(cluster) => cluster
+                .on_owner(channel, command)
+                .await
+                .map_err(BrokerError::Unavailable),
+        }
+    }
+}
+
+impl Broker for RedisBroker {
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        payload: Bytes,
+    ) -> BrokerFuture<'a, Option<Position>> {
+        Box::pin(async move {
+            let name = self.common.redis_channel(channel);
+            let command = if self.common.hub.history_rule(channel).is_some() {
+                Command::PublishHistory(&name, &payload)
+            } else {
+                Command::Publish(&name, &payload)
+            };
+            match self.on_channel(channel, &command).await? {
+                Reply::Published(position) => Ok(position),
+                Reply::Snapshot(_) => unreachable!("a publish replies with a position"),
+            }
+        })
+    }
+
+    fn read_history<'a>(
+        &'a self,
+        channel: &'a str,
+        from: u64,
+        count: usize,
+    ) -> BrokerFuture<'a, Snapshot> {
+        Box::pin(async move {
+            let name = self.common.redis_channel(channel);
+            let started = Instant::now();
+            let reply = self
+                .on_channel(channel, &Command::ReadHistory(&name, from, count))
+                .await;
+            self.common.metrics.history_fetch(started.elapsed());
+            match reply? {
+                Reply::Snapshot(snapshot) => Ok(snapshot),
+                Reply::Published(_) => unreachable!("a read replies with a snapshot"),
             }
         })
     }

@@ -1,0 +1,443 @@
+//! A client's session: the protocol state machine between the frames the
+//! reader decodes and the outbox the writer drains. It knows who the client is
+//! (its [`Principal`]) and what it subscribes to, answers every request, and
+//! runs the joins that recover history channels from a client's `since`.
+//! No I/O of its own: [`crate::connection`] owns the socket.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+
+use crate::Node;
+use crate::auth::{AuthError, Principal};
+use crate::channel;
+use crate::history::Since;
+use crate::hub::{ConnectionId, Join, JoinRead};
+use crate::outbox::{ChannelKey, Outbox};
+use crate::protocol::{
+    self, ChannelError, CloseCode, ErrorCode, ReplyError, ReplyPosition, Request, RequestId,
+    ServerFrame,
+};
+
+/// How many times a join reads the stream again when another join on the
+/// same channel moved the cursor past its first read.
+const JOIN_ATTEMPTS: usize = 5;
+
+/// What a session does with the messages its client sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Protocol v1: requests in; a welcome, replies and deliveries out.
+    Gateway,
+    /// Test only (the `test-echo` feature, `GET /echo`): no welcome, and every
+    /// message goes back as it came, text as text and binary as binary,
+    /// through the same reader, outbox and writer as a gateway session. The
+    /// Autobahn testsuite runs against it (`scripts/autobahn.sh`).
+    #[cfg(feature = "test-echo")]
+    Echo,
+}
+
+impl Mode {
+    /// Whether messages go back as they came instead of being requests.
+    /// Always false, and optimized away, without the `test-echo` feature.
+    pub(crate) fn echoes(self) -> bool {
+        match self {
+            Mode::Gateway => false,
+            #[cfg(feature = "test-echo")]
+            Mode::Echo => true,
+        }
+    }
+}
+
+/// The reader's state: who the client is and what it subscribes to. Dropping
+/// it removes every subscription from the hub.
+pub(crate) struct Session {
+    node: Node,
+    id: ConnectionId,
+    principal: Principal,
+    /// Zero-sized unless the `test-echo` feature is on.
+    mode: Mode,
+    pub(crate) outbox: Arc<Outbox>,
+    /// Subscribed channels, sharing the hub's copy of each name.
+    channels: HashMap<Arc<str>, ChannelKey>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for channel in self.channels.keys() {
+            self.node.hub.unsubscribe(self.id, channel);
+        }
+    }
+}
+
+impl Session {
+    pub(crate) fn new(
+        node: Node,
+        id: ConnectionId,
+        principal: Principal,
+        mode: Mode,
+        outbox: Arc<Outbox>,
+    ) -> Session {
+        Session {
+            node,
+            id,
+            principal,
+            mode,
+            outbox,
+            channels: HashMap::new(),
+        }
+    }
+
+    pub(crate) async fn on_text(&mut self, payload: Vec<u8>) {
+        if self.mode.echoes() {
+            self.outbox.push_reply(Bytes::from(payload));
+            return;
+        }
+        match protocol::parse_request(&payload) {
+            Ok(request) => self.handle(request).await,
+            Err(error) => self.send_error(error.id, error.code, &error.message),
+        }
+    }
+
+    pub(crate) fn on_binary(&mut self, payload: Vec<u8>) {
+        if self.mode.echoes() {
+            self.outbox.push_binary_reply(Bytes::from(payload));
+            return;
+        }
+        self.send_error(
+            None,
+            ErrorCode::UnsupportedFrame,
+            "protocol v1 uses text frames only",
+        );
+    }
+
+    fn send_error(&self, id: Option<RequestId>, code: ErrorCode, message: &str) {
+        self.node.metrics.client_error(code);
+        self.outbox
+            .push_reply(ServerFrame::Error { id, code, message }.encode());
+    }
+
+    async fn handle(&mut self, request: Request) {
+        match request {
+            Request::Subscribe {
+                id,
+                channels,
+                since,
+            } => self.subscribe(id, channels, since).await,
+            Request::Unsubscribe { id, channels } => self.unsubscribe(id, channels),
+            Request::Ping { id } => self.outbox.push_reply(ServerFrame::Pong { id }.encode()),
+            Request::Refresh { id, token } => self.refresh(id, &token),
+        }
+    }
+
+    /// Refuses a request naming more channels than a connection may hold, so
+    /// that no request can make a reply larger than a bounded one.
+    fn too_many_channels(&self, id: Option<RequestId>, requested: &[String]) -> bool {
+        let max_channels = self.node.config.limits.max_channels_per_connection;
+        if requested.len() <= max_channels {
+            return false;
+        }
+        self.send_error(
+            id,
+            ErrorCode::LimitExceeded,
+            &format!("at most {max_channels} channels per request"),
+        );
+        true
+    }
+
+    async fn subscribe(
+        &mut self,
+        id: Option<RequestId>,
+        requested: Vec<String>,
+        since: Vec<(String, Since)>,
+    ) {
+        if self.too_many_channels(id, &requested) {
+            return;
+        }
+        let max_channels = self.node.config.limits.max_channels_per_connection;
+        if since.len() > max_channels {
+            self.send_error(
+                id,
+                ErrorCode::LimitExceeded,
+                &format!("since names at most {max_channels} channels"),
+            );
+            return;
+        }
+        let mut since: HashMap<String, Since> = since.into_iter().collect();
+        let mut subscribed = Vec::new();
+        let mut errors = Vec::new();
+        let mut added: Vec<Arc<str>> = Vec::new();
+        let mut joins: Vec<(Join, Option<Since>)> = Vec::new();
+        let mut held_history: Vec<String> = Vec::new();
+        let mut seen = HashSet::new();
+        for name in requested {
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            let refusal = if let Err(error) = channel::validate_name(&name) {
+                Some((ErrorCode::InvalidChannel, error.to_string()))
+            } else if !self.principal.may_subscribe(&name) {
+                Some((
+                    ErrorCode::Forbidden,
+                    "the token does not grant this channel".to_owned(),
+                ))
+            } else if self.channels.contains_key(name.as_str()) {
+                // Already live: a repeated subscribe recovers nothing.
+                if self.node.hub.history_rule(&name).is_some() {
+                    held_history.push(name.clone());
+                }
+                None
+            } else if self.channels.len() + joins.len() >= max_channels {
+                Some((
+                    ErrorCode::LimitExceeded,
+                    format!("at most {max_channels} channels per connection"),
+                ))
+            } else if self.node.hub.history_rule(&name).is_some() {
+                let join = self.node.hub.begin_join(self.id, &name);
+                added.push(join.channel.clone());
+                joins.push((join, since.remove(&name)));
+                None
+            } else {
+                let sub = self.node.hub.subscribe(self.id, &self.outbox, &name);
+                self.channels.insert(sub.channel.clone(), sub.key);
+                added.push(sub.channel);
+                None
+            };
+            match refusal {
+                Some((code, message)) => errors.push(ChannelError {
+                    // An invalid name is echoed only up to the longest valid
+                    // one, so a reply is never much larger than a request.
+                    channel: truncated(name, channel::MAX_CHANNEL_LEN),
+                    code,
+                    message,
+                }),
+                None => subscribed.push(name),
+            }
+        }
+        if !added.is_empty() {
+            if let Err(error) = self.node.broker.ensure_subscribed(&added).await {
+                // Dropping the joins lets their channels go.
+                joins.clear();
+                for channel in &added {
+                    self.leave(channel);
+                    subscribed.retain(|name| name.as_str() != &**channel);
+                    errors.push(ChannelError {
+                        channel: channel.to_string(),
+                        code: ErrorCode::BrokerUnavailable,
+                        message: error.to_string(),
+                    });
+                }
+            }
+        }
+        let mut reads = Vec::with_capacity(joins.len());
+        let snapshots = join_all(joins.iter().map(|(join, since)| {
+            let (from, count) = join.read_range(since.as_ref());
+            self.node.broker.read_history(&join.channel, from, count)
+        }))
+        .await;
+        for ((join, since), snapshot) in joins.into_iter().zip(snapshots) {
+            match snapshot {
+                Ok(snapshot) => reads.push(JoinRead {
+                    join,
+                    since,
+                    snapshot,
+                }),
+                Err(error) => {
+                    subscribed.retain(|name| name.as_str() != &*join.channel);
+                    errors.push(ChannelError {
+                        channel: join.channel.to_string(),
+                        code: ErrorCode::BrokerUnavailable,
+                        message: error.to_string(),
+                    });
+                }
+            }
+        }
+        for error in &errors {
+            self.node.metrics.client_error(error.code);
+        }
+        let mut positions: BTreeMap<String, ReplyPosition> = held_history
+            .into_iter()
+            .filter_map(|name| {
+                let (epoch, offset) = self.node.hub.position(&name)?;
+                Some((
+                    name,
+                    ReplyPosition {
+                        offset,
+                        epoch: epoch.to_string(),
+                        recovered: None,
+                        reason: None,
+                    },
+                ))
+            })
+            .collect();
+        let mut joined: Vec<(Arc<str>, ChannelKey)> = Vec::new();
+        for attempt in 1..=JOIN_ATTEMPTS {
+            let stale = self.node.hub.finish_joins(
+                &self.outbox,
+                &mut reads,
+                attempt == JOIN_ATTEMPTS,
+                |outcomes| {
+                    for outcome in outcomes {
+                        joined.push((outcome.channel.clone(), outcome.key));
+                        positions.insert(
+                            outcome.channel.to_string(),
+                            ReplyPosition {
+                                offset: outcome.offset,
+                                epoch: outcome.epoch.to_string(),
+                                recovered: outcome.recovered.map(|r| r.is_ok()),
+                                reason: outcome
+                                    .recovered
+                                    .and_then(|r| r.err())
+                                    .map(|reason| reason.as_str()),
+                            },
+                        );
+                    }
+                    self.outbox.push_reply(
+                        ServerFrame::Reply {
+                            id,
+                            channels: Some(&subscribed),
+                            errors: Some(&errors),
+                            positions: (!positions.is_empty()).then_some(&positions),
+                            revoked: None,
+                            expires_at: None,
+                            error: None,
+                        }
+                        .encode(),
+                    );
+                },
+            );
+            if stale.is_empty() {
+                break;
+            }
+            // Another join moved a cursor past these reads: read again.
+            let again = join_all(stale.iter().map(|&i| {
+                let read = &reads[i];
+                let (from, count) = read.join.read_range(read.since.as_ref());
+                self.node
+                    .broker
+                    .read_history(&read.join.channel, from, count)
+            }))
+            .await;
+            for (&i, snapshot) in stale.iter().zip(again) {
+                // A failed read keeps the stale one; the last attempt
+                // finishes it as well as it can.
+                if let Ok(snapshot) = snapshot {
+                    reads[i].snapshot = snapshot;
+                }
+            }
+        }
+        self.channels.extend(joined);
+    }
+
+    fn leave(&mut self, channel: &str) -> bool {
+        match self.channels.remove(channel) {
+            Some(key) => {
+                self.node.hub.unsubscribe(self.id, channel);
+                self.outbox.forget(key);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn unsubscribe(&mut self, id: Option<RequestId>, requested: Vec<String>) {
+        if self.too_many_channels(id, &requested) {
+            return;
+        }
+        for name in &requested {
+            self.leave(name);
+        }
+        self.outbox.push_reply(
+            ServerFrame::Reply {
+                id,
+                channels: Some(&requested),
+                errors: None,
+                positions: None,
+                revoked: None,
+                expires_at: None,
+                error: None,
+            }
+            .encode(),
+        );
+    }
+
+    fn refresh(&mut self, id: Option<RequestId>, token: &str) {
+        match self.node.auth.refresh(&self.principal, token) {
+            Ok(principal) => {
+                self.outbox.set_expires_at(principal.expires_at);
+                self.principal = principal;
+                // A narrower token takes effect at once.
+                let revoked: Vec<String> = self
+                    .channels
+                    .keys()
+                    .filter(|channel| !self.principal.may_subscribe(channel))
+                    .map(|channel| channel.to_string())
+                    .collect();
+                for channel in &revoked {
+                    self.leave(channel);
+                }
+                self.outbox.push_reply(
+                    ServerFrame::Reply {
+                        id,
+                        channels: None,
+                        errors: None,
+                        positions: None,
+                        revoked: Some(&revoked),
+                        expires_at: Some(self.principal.expires_at),
+                        error: None,
+                    }
+                    .encode(),
+                );
+            }
+            Err(AuthError::SubjectChanged) => {
+                // Another user's token on this connection: end it.
+                self.node.metrics.auth_failed(&AuthError::SubjectChanged);
+                self.outbox.close(CloseCode::Forbidden);
+            }
+            Err(error) => {
+                self.node.metrics.auth_failed(&error);
+                self.node.metrics.client_error(ErrorCode::InvalidToken);
+                self.outbox.push_reply(
+                    ServerFrame::Reply {
+                        id,
+                        channels: None,
+                        errors: None,
+                        positions: None,
+                        revoked: None,
+                        expires_at: None,
+                        error: Some(ReplyError {
+                            code: ErrorCode::InvalidToken,
+                            message: format!("{} ({})", error, error.code()),
+                        }),
+                    }
+                    .encode(),
+                );
+            }
+        }
+    }
+}
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn truncated(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_keeps_characters_whole() {
+        assert_eq!(truncated("abcdef".into(), 3), "abc");
+        assert_eq!(truncated("abc".into(), 3), "abc");
+        assert_eq!(truncated("aé".into(), 2), "a");
+    }
+}
