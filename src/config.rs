@@ -1097,6 +1097,41 @@ mod tests {
     }
 
     #[test]
+    fn history_settings_are_validated_naming_the_key() {
+        let check = |rule: &str, key: &str| {
+            let text = format!("[[channels]]\npattern = \"notify.*\"\n{rule}");
+            let error = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(error.contains(key), "{rule}: {error}");
+        };
+        check("history_size = 10\n", "channels[0].history_ttl");
+        check("history_ttl = \"1h\"\n", "channels[0].history_ttl");
+        check(
+            "history_size = 10\nhistory_ttl = \"500ms\"\n",
+            "channels[0].history_ttl",
+        );
+        check(
+            "history_size = 2000000\nhistory_ttl = \"1h\"\n",
+            "channels[0].history_size",
+        );
+        check(
+            "history_size = 10\nhistory_ttl = \"1h\"\nrecover_max = 0\n",
+            "channels[0].recover_max",
+        );
+        check(
+            "history_size = 10\nhistory_ttl = \"1h\"\nrecover_max = 5000\n",
+            "channels[0].recover_max",
+        );
+        let text = "[broker]\nchannel_prefix = \"{app}\"\n[[channels]]\npattern = \"n.*\"\nhistory_size = 10\nhistory_ttl = \"1h\"\n";
+        let error = Config::from_toml(text).unwrap_err().to_string();
+        assert!(error.contains("broker.channel_prefix"), "{error}");
+        let config = Config::from_toml(
+            "[[channels]]\npattern = \"n.*\"\nhistory_size = 10\nhistory_ttl = \"1h\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.channels[0].recover_max, 300);
+    }
+
+    #[test]
     fn config_is_the_bottom_floor() {
         // Configuration is read by every component and depends on none of
         // them: building components belongs where the node is assembled.

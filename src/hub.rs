@@ -633,10 +633,17 @@ impl Hub {
         last: u64,
         rule: HistoryRule,
     ) -> Result<Vec<Bytes>, Unrecoverable> {
+        // A client that subscribed before the channel's first message holds
+        // the position (0, ""): it is in every epoch's start.
+        let from_the_start = since.epoch.is_empty() && since.offset == 0;
         let Some(store_epoch) = &snapshot.epoch else {
-            return Err(Unrecoverable::UnknownChannel);
+            return match from_the_start {
+                true => Ok(Vec::new()),
+                false => Err(Unrecoverable::UnknownChannel),
+            };
         };
-        if *since.epoch != **store_epoch || *store_epoch != *epoch || since.offset > last {
+        let same_epoch = *since.epoch == **store_epoch || from_the_start;
+        if !same_epoch || *store_epoch != *epoch || since.offset > last {
             return Err(Unrecoverable::EpochChanged);
         }
         if last - since.offset > rule.recover_max {

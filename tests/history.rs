@@ -137,6 +137,24 @@ async fn memory_broker_recovers_across_a_reconnect() {
     )
     .await;
 
+    // A client that subscribed before the first message holds (0, ""): it
+    // recovers from the channel's start.
+    let mut early = client(&node).await;
+    let reply = subscribe(&mut early, "notify.early", Some((0, ""))).await;
+    assert_eq!(
+        position(&reply, "notify.early"),
+        (0, String::new(), json!(true), Value::Null)
+    );
+    drop(early);
+    publish(&node, "notify.early", 2).await;
+    let mut early = client(&node).await;
+    let reply = subscribe(&mut early, "notify.early", Some((0, ""))).await;
+    assert_eq!(
+        reply["positions"]["notify.early"]["recovered"], true,
+        "{reply}"
+    );
+    assert_eq!(offsets(&mut early, "notify.early", 2).await.0, [1, 2]);
+
     // A plain channel's reply has no position, and `since` for it is ignored.
     let reply = alice
         .request(json!({"op": "subscribe", "channels": ["plain.x"],
