@@ -24,6 +24,8 @@ pub struct Principal {
     pub user: Arc<str>,
     /// Channel patterns this connection may subscribe to.
     pub grants: Arc<[Pattern]>,
+    /// Channel patterns this connection may publish to.
+    pub publish_grants: Arc<[Pattern]>,
     /// When the token stops being valid: its `exp` plus the configured leeway,
     /// in seconds since the Unix epoch.
     pub expires_at: u64,
@@ -33,6 +35,29 @@ impl Principal {
     /// Whether the token allows subscribing to `channel`.
     pub fn may_subscribe(&self, channel: &str) -> bool {
         self.grants.iter().any(|grant| grant.matches(channel))
+    }
+
+    /// Whether the token allows subscribing to the pattern `pattern`: some
+    /// grant covers every channel the pattern can match.
+    pub fn may_subscribe_pattern(&self, pattern: &Pattern) -> bool {
+        self.grants.iter().any(|grant| grant.covers(pattern))
+    }
+
+    /// Whether the token allows a subscription the session holds: a channel,
+    /// or a pattern (a name with `*`).
+    pub fn may_hold(&self, subscription: &str) -> bool {
+        match subscription.contains('*') {
+            true => Pattern::parse(subscription)
+                .is_ok_and(|pattern| self.may_subscribe_pattern(&pattern)),
+            false => self.may_subscribe(subscription),
+        }
+    }
+
+    /// Whether the token allows publishing to `channel`.
+    pub fn may_publish(&self, channel: &str) -> bool {
+        self.publish_grants
+            .iter()
+            .any(|grant| grant.matches(channel))
     }
 }
 
@@ -120,6 +145,9 @@ pub struct Authenticator {
     channels_claim: String,
     /// `auth.user_channels`, still holding their `{sub}` placeholders.
     user_channels: Vec<SubjectTemplate>,
+    publish_claim: String,
+    /// `auth.user_publish`, like `user_channels`.
+    user_publish: Vec<SubjectTemplate>,
     max_token_bytes: usize,
 }
 
@@ -212,15 +240,17 @@ impl Authenticator {
                 Some(key)
             }
         };
-        let user_channels = config
-            .user_channels
-            .iter()
-            .map(|template| {
-                SubjectTemplate::parse(template).map_err(|e| {
-                    ConfigError::invalid("auth.user_channels", format!("{template:?}: {e}"))
+        let templates = |key: &str, templates: &[String]| {
+            templates
+                .iter()
+                .map(|template| {
+                    SubjectTemplate::parse(template)
+                        .map_err(|e| ConfigError::invalid(key, format!("{template:?}: {e}")))
                 })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let user_channels = templates("auth.user_channels", &config.user_channels)?;
+        let user_publish = templates("auth.user_publish", &config.user_publish)?;
 
         let mut validation = Validation::new(algorithms[0]);
         validation.leeway = config.leeway.as_secs();
@@ -261,6 +291,8 @@ impl Authenticator {
             leeway: config.leeway.as_secs(),
             channels_claim: config.channels_claim.clone(),
             user_channels,
+            publish_claim: config.publish_claim.clone(),
+            user_publish,
             max_token_bytes: config.max_token_bytes,
         })
     }
@@ -317,39 +349,69 @@ impl Authenticator {
     fn principal(&self, claims: Claims) -> Result<Principal, AuthError> {
         let sub = claims
             .sub
+            .clone()
             .ok_or_else(|| AuthError::MissingClaim("sub".into()))?;
         let exp = claims
             .exp
             .ok_or_else(|| AuthError::MissingClaim("exp".into()))?;
-        let mut grants = Vec::new();
-        match claims.rest.get(&self.channels_claim) {
-            None | Some(Value::Null) => {}
-            Some(Value::Array(items)) => {
-                for item in items {
-                    // A malformed grant refuses the token rather than being guessed at.
-                    if let Some(pattern) = item.as_str().and_then(|s| Pattern::parse(s).ok()) {
-                        grants.push(pattern);
-                    } else {
-                        return Err(AuthError::InvalidClaim(self.channels_claim.clone()));
-                    }
-                }
-            }
-            Some(_) => return Err(AuthError::InvalidClaim(self.channels_claim.clone())),
-        }
-        // The subject is escaped into one literal segment, so it matches
-        // exactly itself: see `SubjectTemplate`.
-        grants.extend(
-            self.user_channels
-                .iter()
-                .filter_map(|template| template.instantiate(&sub)),
-        );
+        let grants = grants(&claims, &self.channels_claim, &self.user_channels, &sub)?;
+        let publish_grants =
+            grants_or_none(&claims, &self.publish_claim, &self.user_publish, &sub)?;
         Ok(Principal {
             user: sub.into(),
             grants: grants.into(),
+            publish_grants: publish_grants.into(),
             expires_at: exp.saturating_add(self.leeway),
         })
     }
 }
+
+/// The patterns a claim lists, plus the templates instantiated for `sub`.
+fn grants(
+    claims: &Claims,
+    claim: &str,
+    templates: &[SubjectTemplate],
+    sub: &str,
+) -> Result<Vec<Pattern>, AuthError> {
+    let mut grants = Vec::new();
+    match claims.rest.get(claim) {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) => {
+            for item in items {
+                // A malformed grant refuses the token rather than being guessed at.
+                if let Some(pattern) = item.as_str().and_then(|s| Pattern::parse(s).ok()) {
+                    grants.push(pattern);
+                } else {
+                    return Err(AuthError::InvalidClaim(claim.to_owned()));
+                }
+            }
+        }
+        Some(_) => return Err(AuthError::InvalidClaim(claim.to_owned())),
+    }
+    // The subject is escaped into one literal segment, so it matches exactly
+    // itself: see `SubjectTemplate`.
+    grants.extend(
+        templates
+            .iter()
+            .filter_map(|template| template.instantiate(sub)),
+    );
+    Ok(grants)
+}
+
+/// Like [`grants`], for a claim that usually is absent: no allocation then.
+fn grants_or_none(
+    claims: &Claims,
+    claim: &str,
+    templates: &[SubjectTemplate],
+    sub: &str,
+) -> Result<Vec<Pattern>, AuthError> {
+    if templates.is_empty() && !claims.rest.contains_key(claim) {
+        return Ok(Vec::new());
+    }
+    grants(claims, claim, templates, sub)
+}
+
+impl Authenticator {}
 
 /// The claims herald reads. `sub` and `exp` are optional here so that their
 /// absence is reported by the validation as `missing_claim`, not as malformed.
@@ -416,13 +478,28 @@ pub fn unix_now() -> u64 {
 /// Mints an HS256 token for `sub` granting `channels`, valid for `ttl`. For
 /// `herald token`, `herald dev` and tests.
 pub fn mint_hs256(secret: &str, sub: &str, channels: &[String], ttl: Duration) -> String {
+    mint_hs256_publishing(secret, sub, channels, &[], ttl)
+}
+
+/// Like [`mint_hs256`], also granting publishing to `publish` (the default
+/// `auth.publish_claim`, `publish`), when not empty.
+pub fn mint_hs256_publishing(
+    secret: &str,
+    sub: &str,
+    channels: &[String],
+    publish: &[String],
+    ttl: Duration,
+) -> String {
     let now = unix_now();
-    let claims = serde_json::json!({
+    let mut claims = serde_json::json!({
         "sub": sub,
         "channels": channels,
         "iat": now,
         "exp": now + ttl.as_secs(),
     });
+    if !publish.is_empty() {
+        claims["publish"] = serde_json::json!(publish);
+    }
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &claims,

@@ -70,6 +70,34 @@ impl Pattern {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether the pattern has a wildcard (else it names one channel).
+    pub fn is_wildcard(&self) -> bool {
+        self.0.contains('*')
+    }
+
+    /// The literal text before the first `*`: every channel the pattern
+    /// matches starts with it.
+    pub fn literal_prefix(&self) -> &str {
+        match self.0.find('*') {
+            Some(star) => &self.0[..star],
+            None => &self.0,
+        }
+    }
+
+    /// Whether every channel `other` can match is matched by this pattern.
+    ///
+    /// Exact: `other`'s `*`s are replaced by a byte no pattern contains, and
+    /// this pattern matches the result only if its own `*`s absorb each of
+    /// them, which is when any text in their place matches too.
+    pub fn covers(&self, other: &Pattern) -> bool {
+        let text: Vec<u8> = other
+            .0
+            .bytes()
+            .map(|b| if b == b'*' { 0x01 } else { b })
+            .collect();
+        glob_match(self.0.as_bytes(), &text)
+    }
 }
 
 impl fmt::Debug for Pattern {
@@ -215,6 +243,34 @@ mod tests {
         check("user.*.inbox", "user.42.outbox", false);
         check("**", "", true);
         check("a*", "a", true);
+    }
+
+    #[test]
+    fn coverage_of_one_pattern_by_another() {
+        let check = |grant: &str, pattern: &str, expected: bool| {
+            let (grant, pattern) = (
+                Pattern::parse(grant).unwrap(),
+                Pattern::parse(pattern).unwrap(),
+            );
+            assert_eq!(grant.covers(&pattern), expected, "{grant} covers {pattern}");
+        };
+        check("prices.*", "prices.*", true);
+        check("prices.*", "prices.A*", true);
+        check("prices.A*", "prices.*", false);
+        check("*", "anything.*.x", true);
+        check("prices.*", "prices", false);
+        check("prices.*.x", "prices.*", false);
+        check("a*b", "a*", false);
+        check("a*", "a*b", true);
+        check("a*b*c", "a*b*c", true);
+        check("a*c", "a*b*c", true);
+        check("news", "news", true);
+        check("news", "news*", false);
+        assert_eq!(
+            Pattern::parse("prices.A*").unwrap().literal_prefix(),
+            "prices.A"
+        );
+        assert!(!Pattern::parse("news").unwrap().is_wildcard());
     }
 
     #[test]

@@ -32,6 +32,7 @@ const MAX_LEEWAY: Duration = Duration::from_secs(86_400);
 const LIST_KEYS: &[&str] = &[
     "auth.algorithms",
     "auth.user_channels",
+    "auth.user_publish",
     "server.allowed_origins",
     "server.trusted_proxies",
     "broker.cluster_urls",
@@ -243,6 +244,10 @@ pub struct AuthConfig {
     /// Patterns every authenticated user may subscribe to; `{sub}` is replaced by
     /// the token's subject, e.g. `user.{sub}.*`.
     pub user_channels: Vec<String>,
+    /// The claim listing the channel patterns a token may publish to.
+    pub publish_claim: String,
+    /// Patterns every authenticated user may publish to, like `user_channels`.
+    pub user_publish: Vec<String>,
     /// Tokens longer than this are refused without being decoded.
     pub max_token_bytes: usize,
 }
@@ -258,6 +263,8 @@ impl Default for AuthConfig {
             leeway: Duration::from_secs(5),
             channels_claim: "channels".to_owned(),
             user_channels: Vec::new(),
+            publish_claim: "publish".to_owned(),
+            user_publish: Vec::new(),
             max_token_bytes: 8 * 1024,
         }
     }
@@ -486,6 +493,15 @@ pub struct LimitsConfig {
     pub requests_per_second: f64,
     /// Client messages allowed in a burst above `requests_per_second`.
     pub request_burst: usize,
+    /// Messages a connection may publish per second, on average (the
+    /// `publish` op; separate from `requests_per_second`).
+    pub publish_per_second: f64,
+    /// Publishes allowed in a burst above `publish_per_second`.
+    pub publish_burst: usize,
+    /// Bytes of published `data` a connection may send per second, on
+    /// average; a burst may reach `max(publish_bytes_per_second,
+    /// max_publish_bytes)`.
+    pub publish_bytes_per_second: usize,
     /// Messages waiting in one connection's outbound queue.
     pub queue_messages: usize,
     /// Bytes waiting in one connection's outbound queue.
@@ -517,6 +533,9 @@ impl Default for LimitsConfig {
             connection_burst_per_ip: 200,
             requests_per_second: 50.0,
             request_burst: 100,
+            publish_per_second: 10.0,
+            publish_burst: 20,
+            publish_bytes_per_second: 64 * 1024,
             queue_messages: 1024,
             queue_bytes: 1024 * 1024,
             max_message_bytes: 64 * 1024,
@@ -592,6 +611,10 @@ pub struct ChannelRule {
     /// a gap) may replay. Default 300.
     #[serde(default = "default_recover_max")]
     pub recover_max: u64,
+    /// Messages clients publish on matching channels carry the publisher's
+    /// `sub` in the frame's `"from"`, set by the server.
+    #[serde(default)]
+    pub stamp_from: bool,
 }
 
 fn default_recover_max() -> u64 {
@@ -610,6 +633,7 @@ impl Default for ChannelRule {
             history_size: 0,
             history_ttl: None,
             recover_max: default_recover_max(),
+            stamp_from: false,
         }
     }
 }
@@ -834,7 +858,14 @@ impl Config {
         )?;
         at_least("limits.connection_burst", self.limits.connection_burst, 1)?;
         at_least("limits.request_burst", self.limits.request_burst, 1)?;
+        at_least("limits.publish_burst", self.limits.publish_burst, 1)?;
+        at_least(
+            "limits.publish_bytes_per_second",
+            self.limits.publish_bytes_per_second,
+            1,
+        )?;
         for (key, rate) in [
+            ("limits.publish_per_second", self.limits.publish_per_second),
             ("limits.connection_rate", self.limits.connection_rate),
             (
                 "limits.requests_per_second",
@@ -894,6 +925,13 @@ impl Config {
         }
         if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
             return Err(ConfigError::invalid("log.level", error.to_string()));
+        }
+        if self.auth.publish_claim.is_empty() || self.auth.publish_claim == self.auth.channels_claim
+        {
+            return Err(ConfigError::invalid(
+                "auth.publish_claim",
+                "must not be empty nor the same as auth.channels_claim",
+            ));
         }
         if self.auth.channels_claim.is_empty() {
             return Err(ConfigError::invalid(

@@ -345,6 +345,11 @@ pub fn request(data: &[u8]) {
                     json!({"op": "unsubscribe", "id": id, "channels": channels})
                 }
                 Request::Ping { id } => json!({"op": "ping", "id": id}),
+                Request::Publish { id, channel, data } => {
+                    let data: serde_json::Value =
+                        serde_json::from_str(data).expect("data is JSON text");
+                    json!({"op": "publish", "id": id, "channel": channel, "data": data})
+                }
                 Request::Refresh { id, token } => {
                     json!({"op": "refresh", "id": id, "token": token})
                 }

@@ -43,6 +43,16 @@ const HTTP_CONNECTION_ERRORS: [&str; 6] = [
     "idle_timeout",
 ];
 
+/// Every `outcome` of `herald_client_publishes_total`.
+const PUBLISH_OUTCOMES: [&str; 6] = [
+    "ok",
+    "forbidden",
+    "invalid_channel",
+    "too_large",
+    "rate_limited",
+    "broker_unavailable",
+];
+
 /// A cheap-to-clone handle to the node's metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -88,6 +98,7 @@ struct Inner {
     history_recoveries: IntCounterVec,
     history_recovered_messages: IntCounter,
     history_fetch: Histogram,
+    client_publishes: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -322,6 +333,12 @@ impl Metrics {
                 "history_recovered_messages_total",
                 "Messages replayed to clients by recoveries.",
             ),
+            client_publishes: counter_vec(
+                r,
+                "client_publishes_total",
+                "Messages clients published with the publish op, by outcome.",
+                &["outcome"],
+            ),
             history_fetch: {
                 let metric = Histogram::with_opts(
                     HistogramOpts::new(
@@ -376,6 +393,9 @@ impl Metrics {
         }
         for result in ["ok", "error"] {
             inner.tls_reloads.with_label_values(&[result]);
+        }
+        for outcome in PUBLISH_OUTCOMES {
+            inner.client_publishes.with_label_values(&[outcome]);
         }
         inner
             .history_recoveries
@@ -546,6 +566,15 @@ impl Metrics {
 
     pub fn broker_function_load_failed(&self) {
         self.inner.broker_function_load_failures.inc();
+    }
+
+    /// A client's publish: `None` when it was taken, else the error code.
+    pub fn client_publish(&self, error: Option<ErrorCode>) {
+        let outcome = error.map_or("ok", ErrorCode::as_str);
+        self.inner
+            .client_publishes
+            .with_label_values(&[outcome])
+            .inc();
     }
 
     pub fn message_unsequenced(&self) {

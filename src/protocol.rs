@@ -125,13 +125,20 @@ pub enum ErrorCode {
     LimitExceeded,
     /// A refresh token was refused.
     InvalidToken,
-    /// The broker could not confirm the subscription.
+    /// The broker could not confirm the subscription, or take a publish.
     BrokerUnavailable,
+    /// A published message is larger than `limits.max_publish_bytes`.
+    TooLarge,
+    /// A per-connection publish rate limit was reached.
+    RateLimited,
+    /// The node's broker cannot do this (pattern subscriptions on Redis
+    /// Cluster).
+    NotSupported,
 }
 
 impl ErrorCode {
     /// Every error code.
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidRequest,
         ErrorCode::UnknownOp,
@@ -141,6 +148,9 @@ impl ErrorCode {
         ErrorCode::LimitExceeded,
         ErrorCode::InvalidToken,
         ErrorCode::BrokerUnavailable,
+        ErrorCode::TooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::NotSupported,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -154,6 +164,9 @@ impl ErrorCode {
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::BrokerUnavailable => "broker_unavailable",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::NotSupported => "not_supported",
         }
     }
 }
@@ -181,6 +194,12 @@ pub enum Request {
     Refresh {
         id: Option<RequestId>,
         token: String,
+    },
+    Publish {
+        id: Option<RequestId>,
+        channel: String,
+        /// The message, as compact JSON text.
+        data: String,
     },
 }
 
@@ -269,6 +288,29 @@ pub fn parse_request(text: &[u8]) -> Result<Request, RequestError> {
             channels: channels()?,
         }),
         "ping" => Ok(Request::Ping { id }),
+        "publish" => {
+            let channel = match object.remove("channel") {
+                Some(Value::String(channel)) => channel,
+                _ => {
+                    return Err(RequestError::new(
+                        id,
+                        ErrorCode::InvalidRequest,
+                        "channel must be a string",
+                    ));
+                }
+            };
+            let data = match object.remove("data") {
+                Some(data) => data.to_string(),
+                None => {
+                    return Err(RequestError::new(
+                        id,
+                        ErrorCode::InvalidRequest,
+                        "data is required (any JSON value)",
+                    ));
+                }
+            };
+            Ok(Request::Publish { id, channel, data })
+        }
         "refresh" => match object.remove("token") {
             Some(Value::String(token)) => Ok(Request::Refresh { id, token }),
             _ => Err(RequestError::new(
@@ -281,7 +323,7 @@ pub fn parse_request(text: &[u8]) -> Result<Request, RequestError> {
             id,
             ErrorCode::UnknownOp,
             format!(
-                "unknown op {:?}; expected subscribe, unsubscribe, ping or refresh",
+                "unknown op {:?}; expected subscribe, unsubscribe, publish, ping or refresh",
                 truncate(other, 32)
             ),
         )),
@@ -458,8 +500,41 @@ pub fn encode_sequenced(channel: &str, payload: &[u8], offset: u64, epoch: &str)
     encode_delivery(channel, payload, Some((offset, epoch)))
 }
 
+/// The first bytes of a message a client published on a channel whose rule
+/// sets `stamp_from`: `\xffF1:<length of sub>:<sub><data>`. The node that took
+/// the publish writes it; every node turns it into the frame's `"from"`.
+const FROM_MAGIC: &[u8] = b"\xffF1:";
+
+/// Wraps a client's published `data` with its publisher's `sub`.
+pub fn stamp_from(user: &str, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FROM_MAGIC.len() + 8 + user.len() + data.len());
+    out.extend_from_slice(FROM_MAGIC);
+    out.extend_from_slice(user.len().to_string().as_bytes());
+    out.push(b':');
+    out.extend_from_slice(user.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// Splits a stamped payload into its publisher and data.
+pub fn split_from(payload: &[u8]) -> (Option<&str>, &[u8]) {
+    let parsed = (|| {
+        let rest = payload.strip_prefix(FROM_MAGIC)?;
+        let colon = rest.iter().take(6).position(|&b| b == b':')?;
+        let length: usize = std::str::from_utf8(&rest[..colon]).ok()?.parse().ok()?;
+        let rest = &rest[colon + 1..];
+        let user = std::str::from_utf8(rest.get(..length)?).ok()?;
+        Some((user, &rest[length..]))
+    })();
+    match parsed {
+        Some((user, data)) => (Some(user), data),
+        None => (None, payload),
+    }
+}
+
 fn encode_delivery(channel: &str, payload: &[u8], position: Option<(u64, &str)>) -> Bytes {
     const HEAD: &[u8] = br#"{"type":"message","channel":"#;
+    let (from, payload) = split_from(payload);
     let mut out = BytesMut::with_capacity(HEAD.len() + channel.len() + payload.len() + 96);
     out.put_slice(HEAD);
     write_json_string(&mut out, channel);
@@ -480,6 +555,10 @@ fn encode_delivery(channel: &str, payload: &[u8], position: Option<(u64, &str)>)
             );
             out.put_slice(br#"","encoding":"base64""#);
         }
+    }
+    if let Some(from) = from {
+        out.put_slice(br#","from":"#);
+        write_json_string(&mut out, from);
     }
     if let Some((offset, epoch)) = position {
         out.put_slice(br#","offset":"#);

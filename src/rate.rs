@@ -41,6 +41,17 @@ impl TokenBucket {
         }
     }
 
+    /// Takes `n` tokens if there are that many.
+    pub fn try_take_n(&mut self, n: f64, now: Instant) -> bool {
+        self.refill(now);
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+
     /// Whether the bucket has refilled completely, so that forgetting it
     /// changes nothing.
     pub fn is_full(&mut self, now: Instant) -> bool {

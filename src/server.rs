@@ -367,6 +367,7 @@ fn websocket(
         Mode::Echo => Ok(crate::auth::Principal {
             user: "echo".into(),
             grants: Arc::from([]),
+            publish_grants: Arc::from([]),
             expires_at: u64::MAX,
         }),
     };

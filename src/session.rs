@@ -12,7 +12,7 @@ use futures_util::future::join_all;
 
 use crate::Node;
 use crate::auth::{AuthError, Principal};
-use crate::channel;
+use crate::channel::{self, Pattern};
 use crate::history::Since;
 use crate::hub::{ConnectionId, Join, JoinRead};
 use crate::outbox::{ChannelKey, Outbox};
@@ -20,6 +20,7 @@ use crate::protocol::{
     self, ChannelError, CloseCode, ErrorCode, ReplyError, ReplyPosition, Request, RequestId,
     ServerFrame,
 };
+use crate::rate::TokenBucket;
 
 /// How many times a join reads the stream again when another join on the
 /// same channel moved the cursor past its first read.
@@ -59,6 +60,9 @@ pub(crate) struct Session {
     /// Zero-sized unless the `test-echo` feature is on.
     mode: Mode,
     pub(crate) outbox: Arc<Outbox>,
+    /// The publish rate limits, made on the first publish: messages and
+    /// bytes per second.
+    publish_limits: Option<Box<(TokenBucket, TokenBucket)>>,
     /// Subscribed channels, sharing the hub's copy of each name.
     channels: HashMap<Arc<str>, ChannelKey>,
 }
@@ -85,6 +89,7 @@ impl Session {
             principal,
             mode,
             outbox,
+            publish_limits: None,
             channels: HashMap::new(),
         }
     }
@@ -128,6 +133,7 @@ impl Session {
             Request::Unsubscribe { id, channels } => self.unsubscribe(id, channels),
             Request::Ping { id } => self.outbox.push_reply(ServerFrame::Pong { id }.encode()),
             Request::Refresh { id, token } => self.refresh(id, &token),
+            Request::Publish { id, channel, data } => self.publish(id, channel, data).await,
         }
     }
 
@@ -175,7 +181,9 @@ impl Session {
             if !seen.insert(name.clone()) {
                 continue;
             }
-            let refusal = if let Err(error) = channel::validate_name(&name) {
+            let refusal = if name.contains('*') {
+                self.subscribe_pattern(&name, joins.len(), &mut added)
+            } else if let Err(error) = channel::validate_name(&name) {
                 Some((ErrorCode::InvalidChannel, error.to_string()))
             } else if !self.principal.may_subscribe(&name) {
                 Some((
@@ -330,6 +338,135 @@ impl Session {
         self.channels.extend(joined);
     }
 
+    /// One pattern of a subscribe (`prices.*`): refused, or added to the hub.
+    fn subscribe_pattern(
+        &mut self,
+        name: &str,
+        joining: usize,
+        added: &mut Vec<Arc<str>>,
+    ) -> Option<(ErrorCode, String)> {
+        let max_channels = self.node.config.limits.max_channels_per_connection;
+        let pattern = match Pattern::parse(name) {
+            Ok(pattern) => pattern,
+            Err(error) => return Some((ErrorCode::InvalidChannel, error.to_string())),
+        };
+        if !self.node.broker.supports_patterns() {
+            return Some((
+                ErrorCode::NotSupported,
+                "pattern subscriptions are not supported with Redis Cluster".to_owned(),
+            ));
+        }
+        if !self.principal.may_subscribe_pattern(&pattern) {
+            return Some((
+                ErrorCode::Forbidden,
+                "the token does not grant every channel this pattern matches".to_owned(),
+            ));
+        }
+        if self.channels.contains_key(name) {
+            return None;
+        }
+        if self.channels.len() + joining >= max_channels {
+            return Some((
+                ErrorCode::LimitExceeded,
+                format!("at most {max_channels} channels per connection"),
+            ));
+        }
+        let sub = self
+            .node
+            .hub
+            .subscribe_pattern(self.id, &self.outbox, &pattern);
+        self.channels.insert(sub.channel.clone(), sub.key);
+        added.push(sub.channel);
+        None
+    }
+
+    /// A client's publish: checked, rate-limited, then published through the
+    /// broker exactly like `POST /api/publish`.
+    async fn publish(&mut self, id: Option<RequestId>, channel: String, data: String) {
+        let outcome = self.try_publish(&channel, data).await;
+        self.node
+            .metrics
+            .client_publish(outcome.as_ref().err().map(|e| e.0));
+        let error = match outcome {
+            Ok(()) => None,
+            Err((code, message)) => {
+                self.node.metrics.client_error(code);
+                Some(ReplyError { code, message })
+            }
+        };
+        self.outbox.push_reply(
+            ServerFrame::Reply {
+                id,
+                channels: None,
+                errors: None,
+                positions: None,
+                revoked: None,
+                expires_at: None,
+                error,
+            }
+            .encode(),
+        );
+    }
+
+    async fn try_publish(
+        &mut self,
+        channel: &str,
+        data: String,
+    ) -> Result<(), (ErrorCode, String)> {
+        if let Err(error) = channel::validate_name(channel) {
+            return Err((ErrorCode::InvalidChannel, error.to_string()));
+        }
+        if !self.principal.may_publish(channel) {
+            return Err((
+                ErrorCode::Forbidden,
+                "the token does not grant publishing to this channel".to_owned(),
+            ));
+        }
+        let limits = &self.node.config.limits;
+        if data.len() > limits.max_publish_bytes {
+            return Err((
+                ErrorCode::TooLarge,
+                format!("data is limited to {} bytes", limits.max_publish_bytes),
+            ));
+        }
+        let now = tokio::time::Instant::now();
+        let buckets = self.publish_limits.get_or_insert_with(|| {
+            let bytes = limits.publish_bytes_per_second as f64;
+            Box::new((
+                TokenBucket::new(limits.publish_per_second, limits.publish_burst as f64, now),
+                TokenBucket::new(bytes, bytes.max(limits.max_publish_bytes as f64), now),
+            ))
+        });
+        let (messages, bytes) = &mut **buckets;
+        if !messages.try_take(now) {
+            return Err((
+                ErrorCode::RateLimited,
+                format!(
+                    "at most {} publishes per second; retry in {} ms",
+                    limits.publish_per_second,
+                    messages.retry_after().as_millis().max(1)
+                ),
+            ));
+        }
+        if !bytes.try_take_n(data.len() as f64, now) {
+            return Err((
+                ErrorCode::RateLimited,
+                format!(
+                    "at most {} published bytes per second",
+                    limits.publish_bytes_per_second
+                ),
+            ));
+        }
+        let payload = match self.node.hub.stamps_from(channel) {
+            true => Bytes::from(protocol::stamp_from(&self.principal.user, data.as_bytes())),
+            false => Bytes::from(data),
+        };
+        match self.node.broker.publish(channel, payload).await {
+            Ok(_) => Ok(()),
+            Err(error) => Err((ErrorCode::BrokerUnavailable, error.to_string())),
+        }
+    }
+
     fn leave(&mut self, channel: &str) -> bool {
         match self.channels.remove(channel) {
             Some(key) => {
@@ -371,7 +508,7 @@ impl Session {
                 let revoked: Vec<String> = self
                     .channels
                     .keys()
-                    .filter(|channel| !self.principal.may_subscribe(channel))
+                    .filter(|channel| !self.principal.may_hold(channel))
                     .map(|channel| channel.to_string())
                     .collect();
                 for channel in &revoked {

@@ -107,6 +107,7 @@ impl Broker for MemoryBroker {
     ) -> BrokerFuture<'a, Option<Position>> {
         let Some(rule) = self.hub.history_rule(channel) else {
             self.hub.deliver(channel, &payload);
+            self.hub.deliver_patterns(channel, &payload, None);
             return Box::pin(std::future::ready(Ok(None)));
         };
         let now = Instant::now();
@@ -123,7 +124,9 @@ impl Broker for MemoryBroker {
             ring.entries.pop_front();
         }
         let epoch = ring.epoch.clone();
-        self.hub.deliver_sequenced(channel, &epoch, offset, payload);
+        self.hub
+            .deliver_sequenced(channel, &epoch, offset, payload.clone());
+        self.hub.deliver_patterns(channel, &payload, None);
         Box::pin(std::future::ready(Ok(Some(Position { epoch, offset }))))
     }
 

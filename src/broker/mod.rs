@@ -61,6 +61,12 @@ pub trait Broker: Send + Sync + 'static {
     /// wanted.
     fn ensure_subscribed<'a>(&'a self, channels: &'a [Arc<str>]) -> BrokerFuture<'a, ()>;
 
+    /// Whether clients may subscribe to patterns (`prices.*`): not on Redis
+    /// Cluster, whose sharded pub/sub has no pattern form.
+    fn supports_patterns(&self) -> bool {
+        true
+    }
+
     /// Whether the broker is connected, for `/readyz`.
     fn is_ready(&self) -> bool;
 }

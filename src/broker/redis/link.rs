@@ -71,7 +71,24 @@ pub(super) struct Common {
 
 impl Common {
     pub fn redis_channel(&self, channel: &str) -> String {
+        if channel.contains('*') {
+            return format!("{}{channel}", self.redis_pattern_prefix());
+        }
         format!("{}{channel}", self.prefix)
+    }
+
+    /// `broker.channel_prefix` with Redis's glob characters escaped, for
+    /// `PSUBSCRIBE`. A client pattern's own characters need none: names
+    /// allow only `*` of them.
+    pub fn redis_pattern_prefix(&self) -> String {
+        let mut escaped = String::with_capacity(self.prefix.len());
+        for c in self.prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^') {
+                escaped.push('\\');
+            }
+            escaped.push(c);
+        }
+        escaped
     }
 
     fn report_links(&self) {
@@ -390,7 +407,33 @@ impl Link {
                     self.common.hub.deliver(channel, payload);
                 }
             }
-            PushKind::Unsubscribe | PushKind::SUnsubscribe => {
+            PushKind::PMessage => {
+                if generation != self.generation.load(Ordering::SeqCst) {
+                    self.common.metrics.broker_stale_push();
+                    return;
+                }
+                let (
+                    Some(Value::BulkString(pattern)),
+                    Some(Value::BulkString(channel)),
+                    Some(Value::BulkString(payload)),
+                ) = (push.data.first(), push.data.get(1), push.data.get(2))
+                else {
+                    return;
+                };
+                let pattern = std::str::from_utf8(pattern)
+                    .ok()
+                    .and_then(|p| p.strip_prefix(self.common.redis_pattern_prefix().as_str()))
+                    .map(str::to_owned);
+                let channel = std::str::from_utf8(channel)
+                    .ok()
+                    .and_then(|c| c.strip_prefix(self.common.prefix.as_str()));
+                if let (Some(pattern), Some(channel)) = (pattern, channel) {
+                    self.common
+                        .hub
+                        .deliver_patterns(channel, payload, Some(&pattern));
+                }
+            }
+            PushKind::Unsubscribe | PushKind::SUnsubscribe | PushKind::PUnsubscribe => {
                 // The node forgets a channel before it unsubscribes, so a
                 // channel still confirmed was unsubscribed by Redis itself: a
                 // cluster primary that lost the channel's slot (a migration or
@@ -401,9 +444,13 @@ impl Link {
                 let Some(Value::BulkString(channel)) = push.data.first() else {
                     return;
                 };
+                let prefix = match push.kind {
+                    PushKind::PUnsubscribe => self.common.redis_pattern_prefix(),
+                    _ => self.common.prefix.clone(),
+                };
                 let Some(channel) = std::str::from_utf8(channel)
                     .ok()
-                    .and_then(|c| c.strip_prefix(self.common.prefix.as_str()))
+                    .and_then(|c| c.strip_prefix(prefix.as_str()))
                 else {
                     return;
                 };
@@ -472,9 +519,25 @@ impl Link {
         channels: Vec<String>,
     ) -> Result<(), RedisError> {
         for chunk in channels.chunks(SUBSCRIBE_BATCH) {
+            let (patterns, channels): (Vec<&String>, Vec<&String>) =
+                chunk.iter().partition(|name| self.is_pattern(name));
             match &self.scope {
-                Scope::Everything if subscribe => connection.subscribe(chunk).await?,
-                Scope::Everything => connection.unsubscribe(chunk).await?,
+                Scope::Everything if subscribe => {
+                    if !channels.is_empty() {
+                        connection.subscribe(channels).await?;
+                    }
+                    if !patterns.is_empty() {
+                        connection.psubscribe(patterns).await?;
+                    }
+                }
+                Scope::Everything => {
+                    if !channels.is_empty() {
+                        connection.unsubscribe(channels).await?;
+                    }
+                    if !patterns.is_empty() {
+                        connection.punsubscribe(patterns).await?;
+                    }
+                }
                 // One command per channel: the crate pairs a raw command with
                 // exactly one reply, and a sharded (un)subscribe confirms each
                 // channel with its own push. Sent concurrently, they pipeline.
@@ -506,6 +569,12 @@ impl Link {
             }
         }
         Ok(())
+    }
+
+    /// Whether a Redis name is a client pattern's (the probe channel, whose
+    /// name has no `*`, is not).
+    fn is_pattern(&self, redis_name: &str) -> bool {
+        redis_name[self.common.prefix.len().min(redis_name.len())..].contains('*')
     }
 
     /// Publishes on this link's connection: `PUBLISH`, or `SPUBLISH` on a

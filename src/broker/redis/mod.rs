@@ -281,6 +281,10 @@ impl Broker for RedisBroker {
         })
     }
 
+    fn supports_patterns(&self) -> bool {
+        matches!(self.inner, Inner::Standalone(_))
+    }
+
     fn is_ready(&self) -> bool {
         if !self.common.config.readiness_requires_broker {
             return true;

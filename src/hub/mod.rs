@@ -34,6 +34,9 @@ use crate::history::{HistoryRule, Since, Snapshot, Unrecoverable};
 use crate::metrics::Metrics;
 use crate::outbox::{ChannelKey, DeliveryPolicy, Outbox};
 use crate::protocol;
+use patterns::Patterns;
+
+mod patterns;
 
 /// A connection's id, unique within a node.
 pub type ConnectionId = u64;
@@ -53,8 +56,12 @@ struct Shared {
     shards: Box<[Shard]>,
     /// Picks a shard for a channel name.
     hasher: std::collections::hash_map::RandomState,
-    /// `[[channels]]` rules, first match wins.
-    rules: Vec<(Pattern, DeliveryPolicy, Option<HistoryRule>)>,
+    /// `[[channels]]` rules, first match wins: the policy, the history, and
+    /// whether client publishes carry their publisher.
+    rules: Vec<(Pattern, DeliveryPolicy, Option<HistoryRule>, bool)>,
+    /// Pattern subscriptions, indexed by literal prefix. One lock: pattern
+    /// subscribes are rare next to deliveries, which take it shared.
+    patterns: RwLock<Patterns>,
     /// Source of [`ChannelKey`]s: every subscription gets a new one, so that
     /// nothing an outbox holds for a past subscription (a pending conflated
     /// entry, a held rate-limited one) is taken for the current one.
@@ -98,9 +105,9 @@ impl ChannelEntry {
     }
 }
 
-/// One connection's subscription to a channel.
+/// One connection's subscription to a channel or a pattern.
 #[derive(Clone)]
-struct Subscriber {
+pub(crate) struct Subscriber {
     connection: ConnectionId,
     outbox: Arc<Outbox>,
     /// This subscription's key in the connection's outbox.
@@ -137,7 +144,12 @@ impl Hub {
                     slow: rule.policy,
                     min_interval: rule.max_rate_hz.map(|hz| Duration::from_secs_f64(1.0 / hz)),
                 };
-                (pattern, policy, HistoryRule::from_config(rule))
+                (
+                    pattern,
+                    policy,
+                    HistoryRule::from_config(rule),
+                    rule.stamp_from,
+                )
             })
             .collect();
         Hub {
@@ -146,6 +158,7 @@ impl Hub {
                 hasher: Default::default(),
                 rules,
                 next_key: AtomicU64::new(1),
+                patterns: RwLock::new(Patterns::default()),
                 interest: track_interest.then(|| Interest {
                     dirty: Mutex::new(HashSet::new()),
                     notify: Notify::new(),
@@ -176,12 +189,21 @@ impl Hub {
         self.rule_for(channel).1
     }
 
+    /// Whether client publishes on `channel` carry their publisher's `sub`.
+    pub fn stamps_from(&self, channel: &str) -> bool {
+        self.shared
+            .rules
+            .iter()
+            .find(|(pattern, ..)| pattern.matches(channel))
+            .is_some_and(|rule| rule.3)
+    }
+
     fn rule_for(&self, channel: &str) -> (DeliveryPolicy, Option<HistoryRule>) {
         self.shared
             .rules
             .iter()
-            .find(|(pattern, _, _)| pattern.matches(channel))
-            .map(|(_, policy, history)| (*policy, *history))
+            .find(|(pattern, ..)| pattern.matches(channel))
+            .map(|(_, policy, history, _)| (*policy, *history))
             .unwrap_or_default()
     }
 
@@ -247,8 +269,133 @@ impl Hub {
         }
     }
 
+    /// Adds a connection's subscription to a pattern (`prices.*`).
+    /// Idempotent per connection and pattern. The caller checked the grants
+    /// and that the broker supports patterns.
+    pub fn subscribe_pattern(
+        &self,
+        connection: ConnectionId,
+        outbox: &Arc<Outbox>,
+        pattern: &Pattern,
+    ) -> Subscribed {
+        let mut patterns = write(&self.shared.patterns);
+        let (name, entry, created) = patterns.entry(pattern);
+        if created {
+            self.shared.metrics.channels_changed(1);
+            self.mark_dirty(&name);
+        }
+        let key = match entry.positions.get(&connection) {
+            Some(&index) => entry.subscribers[index].key,
+            None => {
+                self.shared.metrics.subscriptions_changed(1);
+                let key = self.shared.next_key.fetch_add(1, Ordering::Relaxed);
+                let subscribers = Arc::make_mut(&mut entry.subscribers);
+                entry.positions.insert(connection, subscribers.len());
+                subscribers.push(Subscriber {
+                    connection,
+                    outbox: outbox.clone(),
+                    key,
+                });
+                key
+            }
+        };
+        Subscribed { channel: name, key }
+    }
+
+    fn unsubscribe_pattern(&self, connection: ConnectionId, pattern: &str) {
+        let mut patterns = write(&self.shared.patterns);
+        let Some(entry) = patterns.get_mut(pattern) else {
+            return;
+        };
+        if let Some(index) = entry.positions.remove(&connection) {
+            self.shared.metrics.subscriptions_changed(-1);
+            let subscribers = Arc::make_mut(&mut entry.subscribers);
+            subscribers.swap_remove(index);
+            if let Some(moved) = subscribers.get(index) {
+                entry.positions.insert(moved.connection, index);
+            }
+        }
+        if entry.subscribers.is_empty() {
+            if let Some(name) = patterns.remove(pattern) {
+                self.shared.metrics.channels_changed(-1);
+                self.mark_dirty(&name);
+            }
+        }
+    }
+
+    /// Fans a message out to the pattern subscriptions matching `channel`:
+    /// all of them (`only` is `None`, the memory broker), or those of one
+    /// pattern (a Redis `pmessage` for it). A connection gets the message
+    /// once: not through a pattern when it also subscribes to the channel
+    /// itself, and through the first of its matching patterns only (in name
+    /// order), so that a `pmessage` per pattern does not repeat it. Rate
+    /// limits (`max_rate_hz`) do not apply to pattern subscriptions; the
+    /// other policies apply per concrete channel. Returns the deliveries.
+    pub fn deliver_patterns(&self, channel: &str, payload: &[u8], only: Option<&str>) -> usize {
+        let targets: Vec<(Arc<Outbox>, ChannelKey)> = {
+            let patterns = read(&self.shared.patterns);
+            if patterns.is_empty() {
+                return 0;
+            }
+            let matching = patterns.matching(channel);
+            if matching.is_empty() {
+                return 0;
+            }
+            let exact: HashSet<ConnectionId> = read(self.shard(channel))
+                .get(channel)
+                .map(|entry| entry.positions.keys().copied().collect())
+                .unwrap_or_default();
+            let channel_hash = self.shared.hasher.hash_one(channel) as u32;
+            let mut targets = Vec::new();
+            for (i, (name, entry)) in matching.iter().enumerate() {
+                if only.is_some_and(|only| only != &***name) {
+                    continue;
+                }
+                for subscriber in entry.subscribers.iter() {
+                    let earlier = matching[..i]
+                        .iter()
+                        .any(|(_, e)| e.positions.contains_key(&subscriber.connection));
+                    if exact.contains(&subscriber.connection) || earlier {
+                        continue;
+                    }
+                    targets.push((
+                        subscriber.outbox.clone(),
+                        pattern_delivery_key(subscriber.key, channel_hash),
+                    ));
+                }
+            }
+            targets
+        };
+        if targets.is_empty() {
+            return 0;
+        }
+        let (policy, _) = self.rule_for(channel);
+        let policy = DeliveryPolicy {
+            min_interval: None,
+            ..policy
+        };
+        let (payload, position) = match crate::history::parse_envelope(payload) {
+            Some(envelope) => (envelope.payload, Some((envelope.offset, envelope.epoch))),
+            None => (payload, None),
+        };
+        if protocol::split_from(payload).1.len() > self.shared.max_publish_bytes {
+            return 0;
+        }
+        let frame = match position {
+            Some((offset, epoch)) => protocol::encode_sequenced(channel, payload, offset, epoch),
+            None => protocol::encode_message(channel, payload),
+        };
+        for (outbox, key) in &targets {
+            outbox.push_message(&frame, *key, &policy);
+        }
+        targets.len()
+    }
+
     /// Removes a subscriber; the channel goes when its last subscriber does.
     pub fn unsubscribe(&self, connection: ConnectionId, channel: &str) {
+        if channel.contains('*') {
+            return self.unsubscribe_pattern(connection, channel);
+        }
         let mut shard = write(self.shard(channel));
         let Some(entry) = shard.get_mut(channel) else {
             return;
@@ -300,7 +447,7 @@ impl Hub {
         if history {
             self.unsequenced(channel);
         }
-        if payload.len() > self.shared.max_publish_bytes {
+        if protocol::split_from(payload).1.len() > self.shared.max_publish_bytes {
             self.shared
                 .metrics
                 .message_dropped("too_large", Some(policy.slow));
@@ -722,18 +869,25 @@ impl Hub {
         affected.len()
     }
 
-    /// Whether any local connection subscribes to `channel`.
+    /// Whether any local connection subscribes to `channel` (or, for a name
+    /// with `*`, to that pattern).
     pub fn has_subscribers(&self, channel: &str) -> bool {
+        if channel.contains('*') {
+            return read(&self.shared.patterns).get(channel).is_some();
+        }
         read(self.shard(channel)).contains_key(channel)
     }
 
-    /// Every channel with a local subscriber.
+    /// Every channel and pattern with a local subscriber.
     pub fn channels(&self) -> Vec<Arc<str>> {
-        self.shared
+        let mut channels: Vec<Arc<str>> = self
+            .shared
             .shards
             .iter()
             .flat_map(|shard| read(shard).keys().cloned().collect::<Vec<_>>())
-            .collect()
+            .collect();
+        channels.extend(read(&self.shared.patterns).names().cloned());
+        channels
     }
 
     fn mark_dirty(&self, channel: &Arc<str>) {
@@ -764,6 +918,13 @@ impl Hub {
             None => std::future::pending().await,
         }
     }
+}
+
+/// The outbox key of a pattern subscription's delivery on one channel:
+/// conflation and the queue policies then act per concrete channel. The top
+/// bit keeps these apart from the keys of exact subscriptions.
+fn pattern_delivery_key(subscription: ChannelKey, channel_hash: u32) -> ChannelKey {
+    (1 << 63) | ((subscription & 0x7fff_ffff) << 32) | u64::from(channel_hash)
 }
 
 /// A join in progress (see [`Hub::begin_join`]). Dropped unfinished (the
@@ -862,7 +1023,7 @@ impl Sink for HubSink<'_> {
         if subscribers.is_empty() {
             return;
         }
-        if payload.len() > self.hub.shared.max_publish_bytes {
+        if protocol::split_from(payload).1.len() > self.hub.shared.max_publish_bytes {
             // The cursor moves past it: a fill would fetch it again.
             self.hub
                 .shared
