@@ -423,9 +423,14 @@ pub fn mint_hs256(secret: &str, sub: &str, channels: &[String], ttl: Duration) -
         "iat": now,
         "exp": now + ttl.as_secs(),
     });
+    sign_hs256(secret, &claims)
+}
+
+/// Signs `claims` (a JSON object) into an HS256 token with `secret`. Pure.
+pub fn sign_hs256(secret: &str, claims: &Value) -> String {
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
-        &claims,
+        claims,
         &EncodingKey::from_secret(secret.as_bytes()),
     )
     .expect("HS256 signing with an in-memory secret cannot fail")
