@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test herald has: the Rust suites (against real redis-server
-# processes), the JavaScript client's tests, the deployment checks (Helm
+# processes), the JavaScript client's tests, the browser tests (the demo page
+# in Debian's Chromium, driven by playwright-core), the deployment checks (Helm
 # chart, manifests, compose, dashboards, alerts), the Autobahn WebSocket
 # conformance suite (Python 2.7 from pyenv, as on the project's machines) and
 # a short run of every fuzz target (the nightly toolchain; cargo-fuzz is
@@ -26,6 +27,8 @@ python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/n
     || { echo "test.sh: installing python3-venv"; apt_install python3-venv; }
 command -v npm >/dev/null 2>&1 || { echo "test.sh: installing nodejs and npm"; apt_install nodejs npm; }
 command -v openssl >/dev/null 2>&1 || { echo "test.sh: installing openssl"; apt_install openssl; }
+command -v curl >/dev/null 2>&1 || { echo "test.sh: installing curl"; apt_install curl; }
+[ -x /usr/bin/chromium ] || { echo "test.sh: installing chromium"; apt_install chromium; }
 
 passed=0
 failed=0
@@ -54,6 +57,14 @@ count '/^test result:/ { n += $4 } END { print n + 0 }' '/^test result:/ { n += 
 
 echo "== JavaScript client (clients/js)"
 (cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm test) 2>&1 | tee "$log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+count '/^# pass / { n += $3 } END { print n + 0 }' '/^# fail / { n += $3 } END { print n + 0 }'
+
+echo "== Browser tests (tests/browser: the demo page in Chromium against real nodes and redis-server)"
+# The default build of the binary: the echo tests above built it with test-echo.
+(cargo build --quiet --bin herald \
+    && cd tests/browser && npm ci --no-audit --no-fund --loglevel=error \
+    && HERALD_BIN=../../target/debug/herald npm test) 2>&1 | tee "$log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 count '/^# pass / { n += $3 } END { print n + 0 }' '/^# fail / { n += $3 } END { print n + 0 }'
 

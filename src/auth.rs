@@ -500,9 +500,14 @@ pub fn mint_hs256_publishing(
     if !publish.is_empty() {
         claims["publish"] = serde_json::json!(publish);
     }
+    sign_hs256(secret, &claims)
+}
+
+/// Signs `claims` (a JSON object) into an HS256 token with `secret`. Pure.
+pub fn sign_hs256(secret: &str, claims: &Value) -> String {
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
-        &claims,
+        claims,
         &EncodingKey::from_secret(secret.as_bytes()),
     )
     .expect("HS256 signing with an in-memory secret cannot fail")

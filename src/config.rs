@@ -149,6 +149,28 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<String>,
     /// Native TLS: when set, the listener serves HTTPS and `wss://` only.
     pub tls: Option<TlsConfig>,
+    /// Serve the live demo page at `/` and mint demo tokens at `/demo/token`.
+    /// Unset means the command's default: on in `herald dev`, off in
+    /// `herald serve`. Anyone who can reach the node can then get a token for
+    /// the demo channels, so production nodes leave it off.
+    pub demo: Option<bool>,
+    /// Publish made-up prices on `prices.<SYMBOL>` a few times a second, so
+    /// that the demo's stock board moves without a backend. Unset means the
+    /// command's default: on in `herald dev` (unless `--no-feed`), off in
+    /// `herald serve`.
+    pub demo_feed: Option<bool>,
+}
+
+impl ServerConfig {
+    /// Whether the demo page and `/demo/token` are served.
+    pub fn demo_enabled(&self) -> bool {
+        self.demo.unwrap_or(false)
+    }
+
+    /// Whether the demo price feed runs.
+    pub fn demo_feed_enabled(&self) -> bool {
+        self.demo_feed.unwrap_or(false)
+    }
 }
 
 /// `[server.tls]`: the listener's certificate and key, and optionally the CAs
@@ -219,6 +241,8 @@ impl Default for ServerConfig {
             trusted_proxy_header: None,
             trusted_proxies: Vec::new(),
             tls: None,
+            demo: None,
+            demo_feed: None,
         }
     }
 }
@@ -939,6 +963,22 @@ impl Config {
                 "must not be empty",
             ));
         }
+        if self.server.demo_enabled() {
+            // Demo tokens are HS256, signed with auth.hmac_secret (required
+            // above whenever an HS algorithm is listed).
+            if !self.auth.algorithms.iter().any(|a| a == "HS256") {
+                return Err(ConfigError::invalid(
+                    "server.demo",
+                    "needs HS256 in auth.algorithms: demo tokens are HS256 tokens signed with auth.hmac_secret",
+                ));
+            }
+            if !self.auth.user_channels.is_empty() {
+                return Err(ConfigError::invalid(
+                    "server.demo",
+                    "must be off when auth.user_channels is set: /demo/token mints a token for any user name, which would grant that user's own channels",
+                ));
+            }
+        }
         if let Some(key) = &self.api.key {
             if key.expose().len() < 16 {
                 return Err(ConfigError::invalid("api.key", "must be at least 16 bytes"));
@@ -1167,6 +1207,37 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.channels[0].recover_max, 300);
+    }
+
+    #[test]
+    fn the_demo_is_off_by_default_and_refused_where_its_tokens_would_not_be_safe() {
+        let secret = format!("[auth]\nhmac_secret = {SECRET:?}\n");
+        let config = Config::from_toml(&secret).unwrap();
+        assert!(!config.server.demo_enabled());
+        assert!(!config.server.demo_feed_enabled());
+        let on = format!("[server]\ndemo = true\ndemo_feed = true\n{secret}");
+        let config = Config::from_toml(&on).unwrap();
+        assert!(config.server.demo_enabled() && config.server.demo_feed_enabled());
+        let check = |text: String, needle: &str| {
+            let error = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(error.starts_with("server.demo:"), "{text}: {error}");
+            assert!(error.contains(needle), "{text}: {error}");
+        };
+        check(
+            format!("[server]\ndemo = true\n{secret}algorithms = [\"HS512\"]\n"),
+            "HS256",
+        );
+        check(
+            format!("[server]\ndemo = true\n{secret}user_channels = [\"user.{{sub}}.*\"]\n"),
+            "auth.user_channels",
+        );
+        // Off, the same settings are fine.
+        assert!(
+            Config::from_toml(&format!(
+                "[server]\ndemo = false\n{secret}user_channels = [\"user.{{sub}}.*\"]\n"
+            ))
+            .is_ok()
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! - [`channel`]: channel names and glob patterns; pure.
 //! - [`metrics`]: the only module that touches prometheus.
 //! - [`shutdown`]: signals and the drain.
+//! - `demo`: the demo page, `/demo/token` and the demo price feed (`server.demo`).
 //!
 //! [`run`] takes a bound listener, a configuration and a shutdown future, so
 //! tests start nodes on `127.0.0.1:0` and stop them at will.
@@ -27,6 +28,7 @@ pub mod broker;
 pub mod channel;
 pub mod config;
 mod connection;
+mod demo;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod history;
@@ -217,6 +219,9 @@ pub async fn run_with_hurry(
         let node = start(config).await?;
         let address = listener.local_addr().ok();
         let accept = tokio::spawn(server::accept_loop(listener, node.clone()).in_current_span());
+        if node.config.server.demo_feed_enabled() {
+            tokio::spawn(demo::feed(node.clone()).in_current_span());
+        }
         info!(?address, broker = ?node.config.broker.kind, "herald is listening");
         shutdown.await;
         shutdown::drain(&node, hurry).await;

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use herald::config::{Config, ConfigError, EXIT_INVALID_CONFIG, LogFormat, Secret, random_hex};
+use herald::config::{
+    ChannelRule, Config, ConfigError, EXIT_INVALID_CONFIG, LogFormat, Secret, SlowPolicy,
+    random_hex,
+};
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +42,10 @@ enum Command {
         /// certificate for localhost.
         #[arg(long)]
         tls: bool,
+        /// Do not run the demo price feed (`server.demo_feed`), which
+        /// publishes made-up prices on prices.AAPL, prices.MSFT, ...
+        #[arg(long)]
+        no_feed: bool,
     },
     /// Mint an HS256 client token with the configured `auth.hmac_secret`.
     Token {
@@ -87,7 +94,11 @@ fn main() -> ExitCode {
             Ok(config) => serve(config, None),
             Err(error) => invalid(error),
         },
-        Command::Dev { config, tls } => match dev_config(config, tls) {
+        Command::Dev {
+            config,
+            tls,
+            no_feed,
+        } => match dev_config(config, tls, no_feed) {
             Ok((config, banner)) => serve(config, Some(banner)),
             Err(error) => invalid(error),
         },
@@ -314,29 +325,38 @@ fn invalid(error: ConfigError) -> ExitCode {
     ExitCode::from(EXIT_INVALID_CONFIG as u8)
 }
 
-/// `herald dev`: the configuration with generated secrets, and the banner.
-fn dev_config(file: Option<PathBuf>, tls: bool) -> Result<(Config, String), ConfigError> {
+/// `herald dev`: the configuration with generated secrets, the demo page and
+/// feed, and the banner to print once the listener is bound.
+fn dev_config(
+    file: Option<PathBuf>,
+    tls: bool,
+    no_feed: bool,
+) -> Result<(Config, DevBanner), ConfigError> {
     let mut config = Config::read(file.as_deref())?;
-    let mut trust = String::new();
+    let mut cert_file = None;
     if tls {
         let dir = std::env::temp_dir().join(format!("herald-dev-tls-{}", std::process::id()));
         let (cert, key) = herald::tls::write_dev_certificate(&dir).map_err(|e| {
             ConfigError::invalid("--tls", format!("cannot write a certificate: {e}"))
         })?;
-        trust = format!(
-            r#"
-The certificate is self-signed, for localhost and 127.0.0.1: {cert}
-Trust it, or tools refuse it:
-  curl:      add --cacert {cert}
-  Chromium:  chrome://certificate-manager -> Custom -> Trusted certificates -> Import {cert}
-             (or open https://127.0.0.1:<port>/ once and accept the warning)
-  Debian:    sudo cp {cert} /usr/local/share/ca-certificates/herald-dev.crt && sudo update-ca-certificates
-"#,
-            cert = cert.display()
-        );
-        config.server.tls = Some(herald::config::TlsConfig::with_files(cert, key));
+        config.server.tls = Some(herald::config::TlsConfig::with_files(cert.clone(), key));
+        cert_file = Some(cert);
     }
     config.broker.kind = herald::config::BrokerKind::Memory;
+    // The demo page and its feed are on unless configured off.
+    let demo = *config.server.demo.get_or_insert(true);
+    if no_feed {
+        config.server.demo_feed = Some(false);
+    }
+    let feed = *config.server.demo_feed.get_or_insert(true);
+    // Prices tick faster than anyone reads them: keep only the newest, at
+    // most a few a second. Rules from the file come first, and win.
+    config.channels.push(ChannelRule {
+        pattern: "prices.*".to_owned(),
+        policy: SlowPolicy::Conflate,
+        max_rate_hz: Some(4.0),
+        ..ChannelRule::default()
+    });
     let secret = config
         .auth
         .hmac_secret
@@ -354,48 +374,131 @@ Trust it, or tools refuse it:
     }
     config.validate()?;
     herald::check_config(&config)?;
-    let mut address = config.server.listen;
-    if address.ip().is_unspecified() {
-        address.set_ip([127, 0, 0, 1].into());
-    }
     let token = herald::auth::mint_hs256(
         secret.expose(),
         "dev-user",
         &["*".to_owned()],
         Duration::from_secs(86_400),
     );
-    let (http, ws) = if tls {
-        ("https", "wss")
-    } else {
-        ("http", "ws")
+    let banner = DevBanner {
+        cert_file,
+        demo,
+        feed,
+        token,
+        secret,
+        api_key,
     };
-    let banner = format!(
-        r#"
-herald dev node on {http}://{address} (in-memory broker)
-
-A client token for user "dev-user", granting every channel, valid 24h:
-
-  {token}
-
-1. Open any page's browser console (e.g. about:blank) and paste:
-
-  const ws = new WebSocket("{ws}://{address}/ws?token={token}");
-  ws.onmessage = (e) => console.log(JSON.parse(e.data));
-  ws.onopen = () => ws.send(JSON.stringify({{op: "subscribe", id: 1, channels: ["news"]}}));
-
-2. Publish from a terminal:
-
-  curl -sS {http}://{address}/api/publish -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' -d '{{"channel":"news","data":{{"hello":"world"}}}}'
-
-More tokens: HERALD_AUTH__HMAC_SECRET={secret} herald token --sub alice --channels 'news,prices.*'
-{trust}"#,
-        secret = secret.expose(),
-        api_key = api_key.expose(),
-    );
     Ok((config, banner))
 }
 
-fn serve(config: Config, banner: Option<String>) -> ExitCode {
+/// What `herald dev` prints once it listens: where the demo is, how to
+/// publish to it, and a console snippet.
+struct DevBanner {
+    /// The generated certificate, with `--tls`.
+    cert_file: Option<PathBuf>,
+    demo: bool,
+    feed: bool,
+    /// A 24-hour token for `dev-user` granting every channel.
+    token: String,
+    secret: Secret,
+    api_key: Secret,
+}
+
+impl DevBanner {
+    /// The banner for a node listening on `address` (the bound address, so
+    /// that a configured port 0 shows the port the system chose).
+    fn render(&self, mut address: std::net::SocketAddr) -> String {
+        if address.ip().is_unspecified() {
+            address.set_ip([127, 0, 0, 1].into());
+        }
+        let (http, ws) = if self.cert_file.is_some() {
+            ("https", "wss")
+        } else {
+            ("http", "ws")
+        };
+        let base = format!("{http}://{address}");
+        let (cacert, cert_export, trust) = match &self.cert_file {
+            None => (String::new(), String::new(), String::new()),
+            Some(cert) => {
+                let cert = cert.display();
+                (
+                    " --cacert \"$HERALD_DEV_CERT\"".to_owned(),
+                    format!("\n  export HERALD_DEV_CERT={cert}"),
+                    format!(
+                        r#"
+The certificate is self-signed, for localhost and 127.0.0.1: {cert}
+Trust it, or tools refuse it:
+  curl:      add --cacert {cert}
+  Chromium:  chrome://certificate-manager -> Custom -> Trusted certificates -> Import {cert}
+             (or open the page once and accept the warning)
+  Debian:    sudo cp {cert} /usr/local/share/ca-certificates/herald-dev.crt && sudo update-ca-certificates
+"#
+                    ),
+                )
+            }
+        };
+        let curl = |channel: &str, data: &str| {
+            format!(
+                r#"curl -sS{cacert} {base}/api/publish -H "Authorization: Bearer $HERALD_API_KEY" -H 'Content-Type: application/json' -d '{{"channel":"{channel}","data":{data}}}'"#
+            )
+        };
+        let mut banner = format!(
+            "\nherald dev node on {base} (in-memory broker{feed})\n",
+            feed = if self.feed {
+                ", demo feed on prices.*"
+            } else {
+                ""
+            },
+        );
+        let page = if self.demo {
+            banner.push_str(&format!(
+                r#"
+Open the live demo:
+
+  {base}/
+
+Publish a notification to it from a terminal:
+
+  export HERALD_API_KEY={api_key}{cert_export}
+  {notify}
+"#,
+                api_key = self.api_key.expose(),
+                notify = curl("notify.demo", r#"{"text":"Hello from curl"}"#),
+            ));
+            format!("{base}/")
+        } else {
+            // Any page of this node's origin will do for the console.
+            banner.push_str(&format!(
+                "\nThe demo page is off (server.demo = false).\n\n  export HERALD_API_KEY={api_key}{cert_export}\n",
+                api_key = self.api_key.expose(),
+            ));
+            format!("{base}/healthz")
+        };
+        banner.push_str(&format!(
+            r#"
+Or speak the protocol by hand: open the browser console on {page}
+(a page of this node: Chromium blocks {ws}://127.0.0.1 from about:blank and other sites)
+and paste this, with a token for "dev-user" granting every channel, valid 24h:
+
+  const ws = new WebSocket("{ws}://" + location.host + "/ws?token={token}");
+  ws.onmessage = (e) => console.log(JSON.parse(e.data));
+  ws.onopen = () => ws.send(JSON.stringify({{op: "subscribe", id: 1, channels: ["news"]}}));
+
+then publish to it:
+
+  {news}
+
+More tokens: HERALD_AUTH__HMAC_SECRET={secret} herald token --sub alice --channels 'news,prices.*'
+{trust}"#,
+            token = self.token,
+            news = curl("news", r#"{"hello":"world"}"#),
+            secret = self.secret.expose(),
+        ));
+        banner
+    }
+}
+
+fn serve(config: Config, banner: Option<DevBanner>) -> ExitCode {
     init_tracing(&config);
     raise_open_files_limit(config.limits.max_connections);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -413,7 +516,7 @@ fn serve(config: Config, banner: Option<String>) -> ExitCode {
             format!("cannot listen on {} (server.listen)", config.server.listen)
         })?;
         if let Some(banner) = banner {
-            println!("{banner}");
+            println!("{}", banner.render(listener.local_addr()?));
         }
         // The first signal starts the paced drain; a second one skips the pacing.
         herald::run_with_hurry(

@@ -1,5 +1,6 @@
 //! The accept loop and the HTTP surface: `/ws`, `/api/publish`, `/healthz`,
-//! `/readyz`, `/metrics`. Authentication and admission are decided here,
+//! `/readyz`, `/metrics`, and with `server.demo` the demo page's routes
+//! ([`crate::demo`]). Authentication and admission are decided here,
 //! before any socket is upgraded.
 
 use std::convert::Infallible;
@@ -27,6 +28,7 @@ use crate::admission::Refusal;
 use crate::auth::AuthError;
 use crate::channel;
 use crate::connection::{self, Mode};
+use crate::demo;
 use crate::http::{self, Body};
 use crate::protocol::{AUTH_SUBPROTOCOL_PREFIX, SUBPROTOCOL};
 
@@ -214,6 +216,19 @@ async fn route(request: Request<Incoming>, node: Node, client: Client) -> Respon
         node.metrics
             .http_request("other", response.status().as_u16());
         return response;
+    }
+    if node.config.server.demo_enabled() {
+        let uri = request.uri();
+        if let Some((name, response)) = demo::respond(
+            request.method(),
+            path,
+            uri.query(),
+            request.headers(),
+            &node,
+        ) {
+            node.metrics.http_request(name, response.status().as_u16());
+            return response;
+        }
     }
     let (name, response) = match (request.method(), request.uri().path()) {
         (&Method::GET, "/ws") => ("ws", websocket(request, &node, peer, Mode::Gateway)),

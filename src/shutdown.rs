@@ -61,7 +61,7 @@ pub fn close_schedule(
 }
 
 /// A random number in [0, 1) from the OS generator.
-fn random_unit() -> f64 {
+pub(crate) fn random_unit() -> f64 {
     let mut bytes = [0u8; 8];
     let _ = getrandom::fill(&mut bytes);
     (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64

@@ -178,7 +178,9 @@ function subscribePrices() {
   // Prices need no refetch after a gap: the next tick replaces the value.
   const wildcard = herald.subscribe(PRICE_PATTERN, { onMessage: onPrice });
   wildcard.on("error", (error) => {
-    if (wildcard.state !== "unsubscribed") return;
+    // broker_unavailable is retried by the client; any other refusal ends
+    // the subscription (the error is reported just before it ends).
+    if (error.code === "broker_unavailable") return;
     // Servers without wildcard subscriptions (or Redis Cluster) refuse the
     // pattern: subscribe to each symbol instead.
     log(`${PRICE_PATTERN}: ${error.code}; subscribing to each symbol instead`);
@@ -284,7 +286,10 @@ function refreshOnline() {
     herald.presenceCount(CHAT).then(
       (count) => ($("#online-count").textContent = String(count.users)),
       (error) => {
-        if (UNAVAILABLE.has(error.code)) $("#online-count").parentElement.hidden = true;
+        // unknown_op: a server without presence predates client publish too,
+        // so the room could not work; hide it. Otherwise only the count.
+        if (error.code === "unknown_op") subscriptionFailed("#chat", CHAT, error);
+        else if (UNAVAILABLE.has(error.code)) $("#online-count").parentElement.hidden = true;
       },
     );
   }, 150);
