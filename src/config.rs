@@ -101,6 +101,8 @@ pub struct Config {
     pub broker: BrokerConfig,
     /// WebSocket keepalive.
     pub ping: PingConfig,
+    /// Who is subscribed to presence channels, across nodes.
+    pub presence: PresenceConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
     /// Bounds on everything a client can make the node hold or do.
@@ -448,6 +450,32 @@ impl Default for BrokerConfig {
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// How often each node writes its members of every presence channel to
+    /// Redis (one write per channel, whatever its connections).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A node whose entry is older than this is taken for dead: its members
+    /// drop out of presence, and `leave` frames follow at the next heartbeat
+    /// of any node. At least twice `heartbeat_interval`.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// The most users one `presence` reply lists.
+    pub max_users: usize,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            heartbeat_interval: Duration::from_secs(10),
+            ttl: Duration::from_secs(30),
+            max_users: 1000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PingConfig {
     /// How often the node sends a WebSocket Ping.
     #[serde(with = "humantime_serde")]
@@ -639,6 +667,14 @@ pub struct ChannelRule {
     /// `sub` in the frame's `"from"`, set by the server.
     #[serde(default)]
     pub stamp_from: bool,
+    /// Track who is subscribed to matching channels (`presence` and
+    /// `presence_count` requests).
+    #[serde(default)]
+    pub presence: bool,
+    /// Deliver `join` and `leave` frames to matching channels' subscribers.
+    /// Requires `presence`.
+    #[serde(default)]
+    pub join_leave: bool,
 }
 
 fn default_recover_max() -> u64 {
@@ -658,6 +694,8 @@ impl Default for ChannelRule {
             history_ttl: None,
             recover_max: default_recover_max(),
             stamp_from: false,
+            presence: false,
+            join_leave: false,
         }
     }
 }
@@ -797,6 +835,16 @@ impl Config {
         }
         positive("broker.probe_interval", self.broker.probe_interval)?;
         positive(
+            "presence.heartbeat_interval",
+            self.presence.heartbeat_interval,
+        )?;
+        if self.presence.ttl < self.presence.heartbeat_interval * 2 {
+            return Err(ConfigError::invalid(
+                "presence.ttl",
+                "must be at least twice presence.heartbeat_interval",
+            ));
+        }
+        positive(
             "broker.history_check_interval",
             self.broker.history_check_interval,
         )?;
@@ -875,6 +923,7 @@ impl Config {
         )?;
         at_least("auth.max_token_bytes", self.auth.max_token_bytes, 64)?;
         at_least("limits.max_connections", self.limits.max_connections, 1)?;
+        at_least("presence.max_users", self.presence.max_users, 1)?;
         at_least(
             "server.max_http_connections",
             self.server.max_http_connections,
@@ -997,6 +1046,12 @@ impl Config {
                 }
             }
             self.validate_history(index, rule)?;
+            if rule.join_leave && !rule.presence {
+                return Err(ConfigError::invalid(
+                    format!("channels[{index}].join_leave"),
+                    "requires presence = true",
+                ));
+            }
         }
         // Values that only a component can check (key files, URLs, CIDRs) are
         // checked by building the components: see `herald::check_config`.

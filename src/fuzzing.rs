@@ -350,6 +350,12 @@ pub fn request(data: &[u8]) {
                         serde_json::from_str(data).expect("data is JSON text");
                     json!({"op": "publish", "id": id, "channel": channel, "data": data})
                 }
+                Request::Presence { id, channel } => {
+                    json!({"op": "presence", "id": id, "channel": channel})
+                }
+                Request::PresenceCount { id, channel } => {
+                    json!({"op": "presence_count", "id": id, "channel": channel})
+                }
                 Request::Refresh { id, token } => {
                     json!({"op": "refresh", "id": id, "token": token})
                 }

@@ -37,6 +37,7 @@ pub mod hub;
 mod inbound;
 pub mod metrics;
 pub mod outbox;
+pub mod presence;
 pub mod protocol;
 mod rate;
 mod server;
@@ -151,7 +152,7 @@ async fn start(config: Config) -> Result<Node, StartError> {
             let library = config
                 .channels
                 .iter()
-                .any(|rule| history::HistoryRule::from_config(rule).is_some())
+                .any(|rule| history::HistoryRule::from_config(rule).is_some() || rule.presence)
                 .then(|| {
                     history::function::library(
                         &config,
@@ -161,6 +162,7 @@ async fn start(config: Config) -> Result<Node, StartError> {
             let broker = RedisBroker::start(
                 &config.broker,
                 library,
+                config.presence.ttl,
                 &id,
                 hub.clone(),
                 metrics.clone(),
@@ -170,6 +172,14 @@ async fn start(config: Config) -> Result<Node, StartError> {
             (hub, Arc::new(broker))
         }
     };
+    if config.channels.iter().any(|rule| rule.presence) {
+        tokio::spawn(presence::heartbeat(
+            hub.clone(),
+            broker.clone(),
+            config.presence.heartbeat_interval,
+            shutdown.clone(),
+        ));
+    }
     tokio::spawn(history::filler::run(
         hub.clone(),
         broker.clone(),

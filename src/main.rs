@@ -357,6 +357,22 @@ fn dev_config(
         max_rate_hz: Some(4.0),
         ..ChannelRule::default()
     });
+    // Notifications keep a history: reload the page, publish meanwhile, and
+    // the missed ones are recovered.
+    config.channels.push(ChannelRule {
+        pattern: "notify.*".to_owned(),
+        history_size: 100,
+        history_ttl: Some(std::time::Duration::from_secs(3600)),
+        ..ChannelRule::default()
+    });
+    // Chat lines say who wrote them, as the server knows it.
+    config.channels.push(ChannelRule {
+        pattern: "chat.*".to_owned(),
+        stamp_from: true,
+        presence: true,
+        join_leave: true,
+        ..ChannelRule::default()
+    });
     let secret = config
         .auth
         .hmac_secret

@@ -201,6 +201,14 @@ pub enum Request {
         /// The message, as compact JSON text.
         data: String,
     },
+    Presence {
+        id: Option<RequestId>,
+        channel: String,
+    },
+    PresenceCount {
+        id: Option<RequestId>,
+        channel: String,
+    },
 }
 
 /// A request that could not be understood.
@@ -288,6 +296,22 @@ pub fn parse_request(text: &[u8]) -> Result<Request, RequestError> {
             channels: channels()?,
         }),
         "ping" => Ok(Request::Ping { id }),
+        "presence" | "presence_count" => {
+            let channel = match object.remove("channel") {
+                Some(Value::String(channel)) => channel,
+                _ => {
+                    return Err(RequestError::new(
+                        id,
+                        ErrorCode::InvalidRequest,
+                        "channel must be a string",
+                    ));
+                }
+            };
+            Ok(match op.as_str() {
+                "presence" => Request::Presence { id, channel },
+                _ => Request::PresenceCount { id, channel },
+            })
+        }
         "publish" => {
             let channel = match object.remove("channel") {
                 Some(Value::String(channel)) => channel,
@@ -323,7 +347,7 @@ pub fn parse_request(text: &[u8]) -> Result<Request, RequestError> {
             id,
             ErrorCode::UnknownOp,
             format!(
-                "unknown op {:?}; expected subscribe, unsubscribe, publish, ping or refresh",
+                "unknown op {:?}; expected subscribe, unsubscribe, publish, presence, presence_count, ping or refresh",
                 truncate(other, 32)
             ),
         )),
@@ -435,6 +459,12 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         positions: Option<&'a BTreeMap<String, ReplyPosition>>,
         #[serde(skip_serializing_if = "Option::is_none")]
+        presence: Option<&'a [PresenceUser<'a>]>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        users: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        connections: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         revoked: Option<&'a [String]>,
         #[serde(skip_serializing_if = "Option::is_none")]
         expires_at: Option<u64>,
@@ -454,6 +484,21 @@ pub enum ServerFrame<'a> {
     Gap {
         channels: &'a [String],
     },
+    Join {
+        channel: &'a str,
+        user: &'a str,
+    },
+    Leave {
+        channel: &'a str,
+        user: &'a str,
+    },
+}
+
+/// One user in a `presence` reply.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PresenceUser<'a> {
+    pub user: &'a str,
+    pub connections: u32,
 }
 
 impl ServerFrame<'_> {

@@ -17,8 +17,8 @@ use crate::history::Since;
 use crate::hub::{ConnectionId, Join, JoinRead};
 use crate::outbox::{ChannelKey, Outbox};
 use crate::protocol::{
-    self, ChannelError, CloseCode, ErrorCode, ReplyError, ReplyPosition, Request, RequestId,
-    ServerFrame,
+    self, ChannelError, CloseCode, ErrorCode, PresenceUser, ReplyError, ReplyPosition, Request,
+    RequestId, ServerFrame,
 };
 use crate::rate::TokenBucket;
 
@@ -63,12 +63,18 @@ pub(crate) struct Session {
     /// The publish rate limits, made on the first publish: messages and
     /// bytes per second.
     publish_limits: Option<Box<(TokenBucket, TokenBucket)>>,
+    /// Presence channels this connection is counted on.
+    present: HashSet<Arc<str>>,
     /// Subscribed channels, sharing the hub's copy of each name.
     channels: HashMap<Arc<str>, ChannelKey>,
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
+        let present: Vec<Arc<str>> = self.present.iter().cloned().collect();
+        for channel in present {
+            self.presence_left(&channel);
+        }
         for channel in self.channels.keys() {
             self.node.hub.unsubscribe(self.id, channel);
         }
@@ -90,6 +96,7 @@ impl Session {
             mode,
             outbox,
             publish_limits: None,
+            present: HashSet::new(),
             channels: HashMap::new(),
         }
     }
@@ -134,6 +141,8 @@ impl Session {
             Request::Ping { id } => self.outbox.push_reply(ServerFrame::Pong { id }.encode()),
             Request::Refresh { id, token } => self.refresh(id, &token),
             Request::Publish { id, channel, data } => self.publish(id, channel, data).await,
+            Request::Presence { id, channel } => self.presence(id, &channel, false).await,
+            Request::PresenceCount { id, channel } => self.presence(id, &channel, true).await,
         }
     }
 
@@ -307,6 +316,9 @@ impl Session {
                             channels: Some(&subscribed),
                             errors: Some(&errors),
                             positions: (!positions.is_empty()).then_some(&positions),
+                            presence: None,
+                            users: None,
+                            connections: None,
                             revoked: None,
                             expires_at: None,
                             error: None,
@@ -336,6 +348,129 @@ impl Session {
             }
         }
         self.channels.extend(joined);
+        // Presence counts the connection once it is subscribed.
+        for name in &subscribed {
+            if self.node.hub.presence_rule(name).is_some()
+                && self.channels.contains_key(name.as_str())
+            {
+                self.presence_joined(name).await;
+            }
+        }
+    }
+
+    /// Counts this connection on a presence channel it just subscribed to;
+    /// the user's first connection on the node tells the broker.
+    async fn presence_joined(&mut self, channel: &str) {
+        if !self.present.insert(channel.into()) {
+            return;
+        }
+        if let Some(members) = self.node.hub.presence_add(channel, &self.principal.user) {
+            let event = crate::presence::Event::Join(&self.principal.user);
+            // A failure is repaired by the next heartbeat.
+            let _ = self
+                .node
+                .broker
+                .presence_sync(channel, &members, Some(event))
+                .await;
+        }
+    }
+
+    /// Uncounts this connection from a presence channel it leaves; the
+    /// user's last connection on the node tells the broker, in a task (a
+    /// session may be dropped, and cannot wait).
+    fn presence_left(&mut self, channel: &str) {
+        if !self.present.remove(channel) {
+            return;
+        }
+        let user = self.principal.user.clone();
+        if let Some(members) = self.node.hub.presence_remove(channel, &user) {
+            let node = self.node.clone();
+            let channel = channel.to_owned();
+            tokio::spawn(async move {
+                let event = crate::presence::Event::Leave(&user);
+                let _ = node
+                    .broker
+                    .presence_sync(&channel, &members, Some(event))
+                    .await;
+            });
+        }
+    }
+
+    /// `presence` and `presence_count`: the channel's members across nodes.
+    async fn presence(&mut self, id: Option<RequestId>, channel: &str, count_only: bool) {
+        let refusal = if let Err(error) = channel::validate_name(channel) {
+            Some((ErrorCode::InvalidChannel, error.to_string()))
+        } else if !self.principal.may_subscribe(channel) {
+            Some((
+                ErrorCode::Forbidden,
+                "the token does not grant this channel".to_owned(),
+            ))
+        } else if self.node.hub.presence_rule(channel).is_none() {
+            Some((
+                ErrorCode::NotSupported,
+                "presence is not enabled on this channel".to_owned(),
+            ))
+        } else {
+            None
+        };
+        let members = match refusal {
+            Some(refusal) => Err(refusal),
+            None => self
+                .node
+                .broker
+                .presence_read(channel)
+                .await
+                .map_err(|e| (ErrorCode::BrokerUnavailable, e.to_string())),
+        };
+        let members = match members {
+            Ok(members) => members,
+            Err((code, message)) => {
+                self.node.metrics.client_error(code);
+                self.outbox.push_reply(
+                    ServerFrame::Reply {
+                        id,
+                        channels: None,
+                        errors: None,
+                        positions: None,
+                        presence: None,
+                        users: None,
+                        connections: None,
+                        revoked: None,
+                        expires_at: None,
+                        error: Some(ReplyError { code, message }),
+                    }
+                    .encode(),
+                );
+                return;
+            }
+        };
+        let connections: u64 = members.values().map(|c| u64::from(*c)).sum();
+        let listed: Vec<PresenceUser<'_>> = match count_only {
+            true => Vec::new(),
+            false => members
+                .iter()
+                .take(self.node.config.presence.max_users)
+                .map(|(user, connections)| PresenceUser {
+                    user,
+                    connections: *connections,
+                })
+                .collect(),
+        };
+        self.outbox.push_reply(
+            ServerFrame::Reply {
+                id,
+                channels: None,
+                errors: None,
+                positions: None,
+                presence: (!count_only).then_some(listed.as_slice()),
+                users: count_only.then_some(members.len() as u64),
+                connections: count_only.then_some(connections),
+                revoked: None,
+                expires_at: None,
+                error: None,
+            }
+            .encode(),
+        );
     }
 
     /// One pattern of a subscribe (`prices.*`): refused, or added to the hub.
@@ -400,6 +535,9 @@ impl Session {
                 channels: None,
                 errors: None,
                 positions: None,
+                presence: None,
+                users: None,
+                connections: None,
                 revoked: None,
                 expires_at: None,
                 error,
@@ -468,6 +606,7 @@ impl Session {
     }
 
     fn leave(&mut self, channel: &str) -> bool {
+        self.presence_left(channel);
         match self.channels.remove(channel) {
             Some(key) => {
                 self.node.hub.unsubscribe(self.id, channel);
@@ -491,6 +630,9 @@ impl Session {
                 channels: Some(&requested),
                 errors: None,
                 positions: None,
+                presence: None,
+                users: None,
+                connections: None,
                 revoked: None,
                 expires_at: None,
                 error: None,
@@ -520,6 +662,9 @@ impl Session {
                         channels: None,
                         errors: None,
                         positions: None,
+                        presence: None,
+                        users: None,
+                        connections: None,
                         revoked: Some(&revoked),
                         expires_at: Some(self.principal.expires_at),
                         error: None,
@@ -541,6 +686,9 @@ impl Session {
                         channels: None,
                         errors: None,
                         positions: None,
+                        presence: None,
+                        users: None,
+                        connections: None,
                         revoked: None,
                         expires_at: None,
                         error: Some(ReplyError {

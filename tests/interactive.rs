@@ -244,14 +244,24 @@ async fn pattern_subscriptions_across_redis_nodes() {
         assert_eq!(status, 200, "{body}");
     })
     .await;
+    // The client is gone: the node lets every pattern go at Redis.
     let mut connection = redis.connection().await;
-    let patterns: Vec<String> = redis::cmd("PUBSUB")
-        .arg("NUMPAT")
-        .query_async::<i64>(&mut connection)
-        .await
-        .map(|n| vec![n.to_string()])
-        .unwrap();
-    assert_eq!(patterns, ["1"], "only news.* is still wanted");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let patterns: i64 = redis::cmd("PUBSUB")
+            .arg("NUMPAT")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        if patterns == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{patterns} patterns left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]
@@ -268,4 +278,224 @@ async fn pattern_subscriptions_are_refused_on_a_cluster() {
     let reply = client.subscribe(&["prices.*", "prices.AAPL"]).await;
     assert_eq!(reply["channels"], json!(["prices.AAPL"]));
     assert_eq!(reply["errors"][0]["code"], "not_supported", "{reply}");
+}
+
+fn presence_rules(config: &mut Config) {
+    let mut room = rule("chat.*", SlowPolicy::Disconnect, None);
+    room.presence = true;
+    room.join_leave = true;
+    config.channels.push(room);
+    config.presence.heartbeat_interval = Duration::from_millis(200);
+    config.presence.ttl = Duration::from_millis(1500);
+}
+
+/// The next `join` or `leave` frame, as `"join alice"`.
+async fn next_event(client: &mut Client) -> String {
+    loop {
+        let frame = client.next_json().await;
+        if frame["type"] == "join" || frame["type"] == "leave" {
+            assert_eq!(frame["channel"], "chat.lobby", "{frame}");
+            return format!(
+                "{} {}",
+                frame["type"].as_str().unwrap(),
+                frame["user"].as_str().unwrap()
+            );
+        }
+    }
+}
+
+async fn members(client: &mut Client) -> (Value, Value) {
+    let list = client
+        .request(json!({"op": "presence", "channel": "chat.lobby"}))
+        .await;
+    let count = client
+        .request(json!({"op": "presence_count", "channel": "chat.lobby"}))
+        .await;
+    (
+        list["presence"].clone(),
+        json!([count["users"], count["connections"]]),
+    )
+}
+
+/// Polls `presence` until it lists `expected` (user, connections).
+async fn eventually_members(client: &mut Client, expected: Value) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (list, _) = members(client).await;
+        if list == expected {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "presence is {list}, expected {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn presence_counts_users_once_and_tells_joins_and_leaves() {
+    let node = TestNode::start_with(presence_rules).await;
+    let mut watcher = connect(&node, "watcher", &["chat.*"], &[]).await;
+    watcher.subscribe(&["chat.lobby"]).await;
+    assert_eq!(next_event(&mut watcher).await, "join watcher");
+
+    let mut tab1 = connect(&node, "alice", &["chat.*"], &[]).await;
+    tab1.subscribe(&["chat.lobby"]).await;
+    let mut tab2 = connect(&node, "alice", &["chat.*"], &[]).await;
+    tab2.subscribe(&["chat.lobby"]).await;
+    assert_eq!(next_event(&mut watcher).await, "join alice");
+    let (list, count) = members(&mut watcher).await;
+    assert_eq!(
+        list,
+        json!([{"user": "alice", "connections": 2}, {"user": "watcher", "connections": 1}])
+    );
+    assert_eq!(count, json!([2, 3]));
+
+    drop(tab1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, count) = members(&mut watcher).await;
+    assert_eq!(count, json!([2, 2]), "one tab left, alice stays");
+    tab2.unsubscribe(&["chat.lobby"]).await;
+    assert_eq!(next_event(&mut watcher).await, "leave alice");
+    nothing_more(&mut watcher).await;
+
+    // Presence needs a subscribe grant, and a presence channel.
+    let mut stranger = connect(&node, "s", &["news"], &[]).await;
+    let reply = stranger
+        .request(json!({"op": "presence", "channel": "chat.lobby"}))
+        .await;
+    assert_eq!(reply["error"]["code"], "forbidden", "{reply}");
+    let reply = stranger
+        .request(json!({"op": "presence_count", "channel": "news"}))
+        .await;
+    assert_eq!(reply["error"]["code"], "not_supported", "{reply}");
+}
+
+async fn presence_node(url: &str) -> TestNode {
+    let url = url.to_owned();
+    let node = TestNode::start_with(move |c| {
+        c.broker.kind = BrokerKind::Redis;
+        c.broker.url = Some(RedisUrl::new(url));
+        presence_rules(c);
+    })
+    .await;
+    eventually_ready(&node, true).await;
+    node
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_converges_across_nodes_and_tabs_on_two_nodes_join_once() {
+    let redis = RedisServer::start();
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let url = redis.url();
+        let node = TestNode::start_with(move |c| {
+            c.node.id = Some(format!("presence-{i}"));
+            c.broker.kind = BrokerKind::Redis;
+            c.broker.url = Some(RedisUrl::new(url));
+            presence_rules(c);
+        })
+        .await;
+        eventually_ready(&node, true).await;
+        nodes.push(node);
+    }
+    let mut watcher = connect(&nodes[0], "watcher", &["chat.*"], &[]).await;
+    watcher.subscribe(&["chat.lobby"]).await;
+    assert_eq!(next_event(&mut watcher).await, "join watcher");
+    let mut tab1 = connect(&nodes[1], "alice", &["chat.*"], &[]).await;
+    tab1.subscribe(&["chat.lobby"]).await;
+    let mut tab2 = connect(&nodes[2], "alice", &["chat.*"], &[]).await;
+    tab2.subscribe(&["chat.lobby"]).await;
+    assert_eq!(next_event(&mut watcher).await, "join alice");
+    for node in &nodes {
+        let mut reader = connect(node, "reader", &["chat.*"], &[]).await;
+        eventually_members(
+            &mut reader,
+            json!([{"user": "alice", "connections": 2}, {"user": "watcher", "connections": 1}]),
+        )
+        .await;
+    }
+    drop(tab1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(tab2);
+    assert_eq!(next_event(&mut watcher).await, "leave alice");
+    nothing_more(&mut watcher).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_of_a_killed_node_drop_out_within_the_ttl() {
+    use std::process::{Command, Stdio};
+    let redis = RedisServer::start();
+    let survivor = presence_node(&redis.url()).await;
+    let mut watcher = connect(&survivor, "watcher", &["chat.*"], &[]).await;
+    watcher.subscribe(&["chat.lobby"]).await;
+    assert_eq!(next_event(&mut watcher).await, "join watcher");
+
+    let dir = std::env::temp_dir().join(format!("herald-presence-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("herald.toml");
+    std::fs::write(
+        &file,
+        "[presence]\nheartbeat_interval = \"200ms\"\nttl = \"1500ms\"\n\
+         [[channels]]\npattern = \"chat.*\"\npresence = true\njoin_leave = true\n",
+    )
+    .unwrap();
+    let port = common::redis_server::free_port();
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut doomed = Killed(
+        Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["serve", "--config", file.to_str().unwrap()])
+            .env("HERALD_AUTH__HMAC_SECRET", SECRET)
+            .env("HERALD_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env("HERALD_BROKER__KIND", "redis")
+            .env("HERALD_BROKER__URL", redis.url())
+            .env("HERALD_NODE__ID", "doomed")
+            .env("HERALD_LOG__LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!(
+        "ws://127.0.0.1:{port}/ws?token={}",
+        publisher_token("bob", &["chat.*"], &[])
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut bob = loop {
+        if let Ok((ws, _)) = tokio_tungstenite::connect_async(&url).await {
+            break ws;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the doomed node never started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    use futures_util::SinkExt;
+    bob.send(tokio_tungstenite::tungstenite::Message::text(
+        json!({"op": "subscribe", "id": 1, "channels": ["chat.lobby"]}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next_event(&mut watcher).await, "join bob");
+    // SIGKILL: the node cleans nothing up.
+    let killed = tokio::time::Instant::now();
+    let _ = doomed.0.kill();
+    let _ = doomed.0.wait();
+    assert_eq!(next_event(&mut watcher).await, "leave bob");
+    let took = killed.elapsed();
+    assert!(
+        took <= Duration::from_millis(1500 + 200 + 1000),
+        "leave after {took:?}: at most presence.ttl + heartbeat_interval (+ slack)"
+    );
+    let (list, _) = members(&mut watcher).await;
+    assert_eq!(list, json!([{"user": "watcher", "connections": 1}]));
+    let _ = std::fs::remove_dir_all(&dir);
 }

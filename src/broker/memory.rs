@@ -19,6 +19,7 @@ use bytes::Bytes;
 use crate::broker::{Broker, BrokerFuture};
 use crate::history::{Position, Snapshot};
 use crate::hub::Hub;
+use crate::presence::{Event, Members};
 
 pub struct MemoryBroker {
     hub: Hub,
@@ -160,6 +161,24 @@ impl Broker for MemoryBroker {
             None => Snapshot::default(),
         };
         Box::pin(std::future::ready(Ok(snapshot)))
+    }
+
+    fn presence_sync<'a>(
+        &'a self,
+        channel: &'a str,
+        _members: &'a Members,
+        change: Option<Event<'a>>,
+    ) -> BrokerFuture<'a, ()> {
+        // One node: its members are everyone, and a change is an event.
+        if let Some(event) = change {
+            self.hub
+                .deliver(channel, &crate::presence::encode_event(event));
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn presence_read<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, Members> {
+        Box::pin(std::future::ready(Ok(self.hub.local_members(channel))))
     }
 
     fn ensure_subscribed<'a>(&'a self, _channels: &'a [Arc<str>]) -> BrokerFuture<'a, ()> {

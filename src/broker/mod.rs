@@ -14,6 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::history::{Position, Snapshot};
+use crate::presence::{Event, Members};
 
 /// A boxed broker future: brokers are used as trait objects.
 pub type BrokerFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BrokerError>> + Send + 'a>>;
@@ -60,6 +61,20 @@ pub trait Broker: Send + Sync + 'static {
     /// the broker to confirm. Cancel-safe: dropping it leaves the subscription
     /// wanted.
     fn ensure_subscribed<'a>(&'a self, channels: &'a [Arc<str>]) -> BrokerFuture<'a, ()>;
+
+    /// Records this node's `members` of the presence channel `channel`, and
+    /// publishes a `join` or `leave` for each user who appeared on or left the
+    /// channel across all nodes. `change` is the user whose connections on
+    /// this node went from or to zero, if any (the heartbeat has none).
+    fn presence_sync<'a>(
+        &'a self,
+        channel: &'a str,
+        members: &'a Members,
+        change: Option<Event<'a>>,
+    ) -> BrokerFuture<'a, ()>;
+
+    /// The members of a presence channel across all nodes.
+    fn presence_read<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, Members>;
 
     /// Whether clients may subscribe to patterns (`prices.*`): not on Redis
     /// Cluster, whose sharded pub/sub has no pattern form.

@@ -35,6 +35,9 @@ pub const PUBLISH: &str = "herald_publish";
 /// The reading function.
 pub const READ: &str = "herald_read";
 
+/// The presence function (see [`crate::presence`]).
+pub const PRESENCE: &str = "herald_presence";
+
 /// The library's source for `config`; `sharded` picks `SPUBLISH`.
 pub fn library(config: &Config, sharded: bool) -> String {
     let mut rules = String::new();
@@ -123,6 +126,53 @@ local function herald_read(keys, args)
   return out
 end
 
+-- Replaces this node's field of a presence hash with its members, removes the
+-- fields of nodes that stopped writing, and publishes a join or leave for each
+-- user who appeared on or left the channel across the live fields.
+local function herald_presence(keys, args)
+  local channel = keys[1]
+  local hash = '{' .. channel .. '}:p'
+  local node, mine = args[1], cjson.decode(args[2])
+  local now, ttl = tonumber(args[3]), tonumber(args[4])
+  local before, after = {}, {}
+  local fields = redis.call('HGETALL', hash)
+  for i = 1, #fields, 2 do
+    local field = fields[i]
+    local ok, value = pcall(cjson.decode, fields[i + 1])
+    if not ok or type(value) ~= 'table' or type(value.u) ~= 'table' or tonumber(value.t) == nil then
+      redis.call('HDEL', hash, field)
+    else
+      for user in pairs(value.u) do before[user] = true end
+      if field ~= node then
+        if tonumber(value.t) + ttl <= now then
+          redis.call('HDEL', hash, field)
+        else
+          for user in pairs(value.u) do after[user] = true end
+        end
+      end
+    end
+  end
+  local any = false
+  for user in pairs(mine) do
+    after[user] = true
+    any = true
+  end
+  if any then
+    redis.call('HSET', hash, node, cjson.encode({u = mine, t = now}))
+    redis.call('PEXPIRE', hash, ttl * 2)
+  else
+    redis.call('HDEL', hash, node)
+  end
+  for user in pairs(after) do
+    if not before[user] then redis.call('@PUBLISH@', channel, '\255P1:j:' .. user) end
+  end
+  for user in pairs(before) do
+    if not after[user] then redis.call('@PUBLISH@', channel, '\255P1:l:' .. user) end
+  end
+  return 1
+end
+
+redis.register_function('herald_presence', herald_presence)
 redis.register_function('herald_publish', herald_publish)
 redis.register_function{function_name = 'herald_read', callback = herald_read, flags = {'no-writes'}}
 "#;

@@ -33,6 +33,7 @@ use crate::history::cursor::{Cursor, Outcome, Sink};
 use crate::history::{HistoryRule, Since, Snapshot, Unrecoverable};
 use crate::metrics::Metrics;
 use crate::outbox::{ChannelKey, DeliveryPolicy, Outbox};
+use crate::presence::{Event, Members};
 use crate::protocol;
 use patterns::Patterns;
 
@@ -49,6 +50,17 @@ pub struct Hub {
     shared: Arc<Shared>,
 }
 
+/// A `[[channels]]` rule, as the hub uses it.
+struct Rule {
+    pattern: Pattern,
+    policy: DeliveryPolicy,
+    history: Option<HistoryRule>,
+    /// Client publishes carry their publisher.
+    stamp_from: bool,
+    /// Presence, with whether `join`/`leave` frames are delivered.
+    presence: Option<bool>,
+}
+
 /// One slice of the channel map.
 type Shard = RwLock<HashMap<Arc<str>, ChannelEntry>>;
 
@@ -56,9 +68,8 @@ struct Shared {
     shards: Box<[Shard]>,
     /// Picks a shard for a channel name.
     hasher: std::collections::hash_map::RandomState,
-    /// `[[channels]]` rules, first match wins: the policy, the history, and
-    /// whether client publishes carry their publisher.
-    rules: Vec<(Pattern, DeliveryPolicy, Option<HistoryRule>, bool)>,
+    /// `[[channels]]` rules, first match wins.
+    rules: Vec<Rule>,
     /// Pattern subscriptions, indexed by literal prefix. One lock: pattern
     /// subscribes are rare next to deliveries, which take it shared.
     patterns: RwLock<Patterns>,
@@ -97,6 +108,9 @@ struct ChannelEntry {
     /// Connections joining with recovery: they keep the channel wanted before
     /// they are in `subscribers`.
     joining: u32,
+    /// Presence channels: whether `join`/`leave` frames are delivered, and
+    /// this node's connections per user.
+    presence: Option<(bool, HashMap<Arc<str>, u32>)>,
 }
 
 impl ChannelEntry {
@@ -144,12 +158,13 @@ impl Hub {
                     slow: rule.policy,
                     min_interval: rule.max_rate_hz.map(|hz| Duration::from_secs_f64(1.0 / hz)),
                 };
-                (
+                Rule {
                     pattern,
                     policy,
-                    HistoryRule::from_config(rule),
-                    rule.stamp_from,
-                )
+                    history: HistoryRule::from_config(rule),
+                    stamp_from: rule.stamp_from,
+                    presence: rule.presence.then_some(rule.join_leave),
+                }
             })
             .collect();
         Hub {
@@ -194,16 +209,16 @@ impl Hub {
         self.shared
             .rules
             .iter()
-            .find(|(pattern, ..)| pattern.matches(channel))
-            .is_some_and(|rule| rule.3)
+            .find(|rule| rule.pattern.matches(channel))
+            .is_some_and(|rule| rule.stamp_from)
     }
 
     fn rule_for(&self, channel: &str) -> (DeliveryPolicy, Option<HistoryRule>) {
         self.shared
             .rules
             .iter()
-            .find(|(pattern, ..)| pattern.matches(channel))
-            .map(|(_, policy, history, _)| (*policy, *history))
+            .find(|rule| rule.pattern.matches(channel))
+            .map(|rule| (rule.policy, rule.history))
             .unwrap_or_default()
     }
 
@@ -216,7 +231,99 @@ impl Hub {
             history: history
                 .map(|rule| (rule, Arc::new(Mutex::new(Cursor::new(rule.recover_max))))),
             joining: 0,
+            presence: self
+                .presence_rule(channel)
+                .map(|join_leave| (join_leave, HashMap::new())),
         }
+    }
+
+    /// For a presence channel, whether `join`/`leave` frames are delivered;
+    /// `None` for other channels.
+    pub fn presence_rule(&self, channel: &str) -> Option<bool> {
+        self.shared
+            .rules
+            .iter()
+            .find(|rule| rule.pattern.matches(channel))
+            .and_then(|rule| rule.presence)
+    }
+
+    /// Counts a connection of `user` on the presence channel `channel`;
+    /// returns the node's members when it is the user's first here.
+    pub fn presence_add(&self, channel: &str, user: &Arc<str>) -> Option<Members> {
+        let mut shard = write(self.shard(channel));
+        let (_, users) = shard.get_mut(channel)?.presence.as_mut()?;
+        let count = users.entry(user.clone()).or_default();
+        *count += 1;
+        (*count == 1).then(|| users.iter().map(|(u, c)| (u.clone(), *c)).collect())
+    }
+
+    /// Uncounts a connection of `user`; returns the node's members when it was
+    /// the user's last here.
+    pub fn presence_remove(&self, channel: &str, user: &str) -> Option<Members> {
+        let mut shard = write(self.shard(channel));
+        let (_, users) = shard.get_mut(channel)?.presence.as_mut()?;
+        let count = users.get_mut(user)?;
+        *count -= 1;
+        if *count > 0 {
+            return None;
+        }
+        users.remove(user);
+        Some(users.iter().map(|(u, c)| (u.clone(), *c)).collect())
+    }
+
+    /// This node's members of a presence channel.
+    pub fn local_members(&self, channel: &str) -> Members {
+        read(self.shard(channel))
+            .get(channel)
+            .and_then(|entry| entry.presence.as_ref())
+            .map(|(_, users)| users.iter().map(|(u, c)| (u.clone(), *c)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Presence channels with members on this node, for the heartbeat.
+    pub fn presence_channels(&self) -> Vec<Arc<str>> {
+        self.shared
+            .shards
+            .iter()
+            .flat_map(|shard| {
+                read(shard)
+                    .iter()
+                    .filter(|(_, entry)| {
+                        entry
+                            .presence
+                            .as_ref()
+                            .is_some_and(|(_, users)| !users.is_empty())
+                    })
+                    .map(|(name, _)| name.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Delivers a `join` or `leave` frame to a channel's subscribers, when its
+    /// rule asks for them.
+    fn deliver_presence_event(&self, channel: &str, event: Event<'_>) -> usize {
+        let (subscribers, policy) = {
+            let shard = read(self.shard(channel));
+            let Some(entry) = shard.get(channel) else {
+                return 0;
+            };
+            if !matches!(entry.presence, Some((true, _))) {
+                return 0;
+            }
+            (entry.subscribers.clone(), entry.policy)
+        };
+        let frame = match event {
+            Event::Join(user) => protocol::ServerFrame::Join { channel, user },
+            Event::Leave(user) => protocol::ServerFrame::Leave { channel, user },
+        }
+        .encode();
+        for subscriber in subscribers.iter() {
+            subscriber
+                .outbox
+                .push_message(&frame, subscriber.key, &policy);
+        }
+        subscribers.len()
     }
 
     /// Adds a subscriber. Idempotent per connection and channel.
@@ -421,6 +528,9 @@ impl Hub {
     /// channel's cursor, a raw one at once. Encodes once, never waits on a
     /// connection. Returns the subscriber count.
     pub fn deliver(&self, channel: &str, payload: &[u8]) -> usize {
+        if let Some(event) = crate::presence::parse_event(payload) {
+            return self.deliver_presence_event(channel, event);
+        }
         if let Some(envelope) = crate::history::parse_envelope(payload) {
             return self.deliver_sequenced(
                 channel,

@@ -41,6 +41,7 @@ use crate::config::BrokerConfig;
 use crate::history::{Position, Snapshot, function};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::presence::Members;
 
 /// The link is down: subscribes are accepted at once and take effect (with a
 /// `gap`) when it comes back.
@@ -61,8 +62,11 @@ pub(super) struct Common {
     /// `broker.channel_prefix`.
     pub prefix: String,
     pub node_id: String,
-    /// The `herald` Function library, when some channel has history.
+    /// The `herald` Function library, when some channel has history or
+    /// presence.
     pub library: Option<String>,
+    /// `presence.ttl`.
+    pub presence_ttl: Duration,
     pub shutdown: CancellationToken,
     /// Links in the UP state, and links that exist, for the metrics.
     pub links_up: AtomicI64,
@@ -175,12 +179,18 @@ pub(super) enum Command<'a> {
     PublishHistory(&'a str, &'a [u8]),
     /// `FCALL_RO herald_read`, from an offset, at most a count of entries.
     ReadHistory(&'a str, u64, usize),
+    /// `FCALL herald_presence` with this node's members (JSON).
+    PresenceSync(&'a str, &'a str),
+    /// The presence hash of a channel.
+    PresenceRead(&'a str),
 }
 
 /// What a [`Command`] returns.
 pub(super) enum Reply {
     Published(Option<Position>),
     Snapshot(Snapshot),
+    Members(Members),
+    Done,
 }
 
 /// A connection attempt that Redis refused for its credentials.
@@ -616,6 +626,31 @@ impl Link {
                 .read_history(connection, channel, from, count)
                 .await
                 .map(Reply::Snapshot),
+            Command::PresenceSync(channel, members) => {
+                let ttl = self.common.presence_ttl.as_millis() as u64;
+                redis::cmd("FCALL")
+                    .arg(function::PRESENCE)
+                    .arg(1)
+                    .arg(channel)
+                    .arg(&self.common.node_id)
+                    .arg(members)
+                    .arg(crate::presence::unix_ms())
+                    .arg(ttl)
+                    .query_async::<Value>(connection)
+                    .await
+                    .map(|_| Reply::Done)
+            }
+            Command::PresenceRead(channel) => {
+                let fields: Vec<Vec<u8>> = redis::cmd("HVALS")
+                    .arg(format!("{{{channel}}}:p"))
+                    .query_async(connection)
+                    .await?;
+                Ok(Reply::Members(crate::presence::merge_fields(
+                    fields.iter().map(Vec::as_slice),
+                    crate::presence::unix_ms(),
+                    self.common.presence_ttl,
+                )))
+            }
         }
     }
 
@@ -1021,6 +1056,7 @@ mod tests {
             prefix: String::new(),
             node_id: "test".into(),
             library: None,
+            presence_ttl: Duration::from_secs(30),
             shutdown: CancellationToken::new(),
             links_up: AtomicI64::new(0),
             links: AtomicI64::new(0),

@@ -32,6 +32,7 @@ use crate::config::{BrokerConfig, BrokerKind, ConfigError};
 use crate::history::{Position, Snapshot};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::presence::{Event, Members};
 use cluster::Cluster;
 use link::{Command, Common, Link, Reply, Scope};
 use sentinel::Sentinel;
@@ -128,6 +129,7 @@ impl RedisBroker {
     pub async fn start(
         config: &BrokerConfig,
         library: Option<String>,
+        presence_ttl: std::time::Duration,
         node_id: &str,
         hub: Hub,
         metrics: Metrics,
@@ -141,6 +143,7 @@ impl RedisBroker {
             prefix: config.channel_prefix.clone(),
             node_id: node_id.to_owned(),
             library,
+            presence_ttl,
             shutdown,
             links_up: AtomicI64::new(0),
             links: AtomicI64::new(0),
@@ -234,7 +237,7 @@ impl Broker for RedisBroker {
             };
             match self.on_channel(channel, &command).await? {
                 Reply::Published(position) => Ok(position),
-                Reply::Snapshot(_) => unreachable!("a publish replies with a position"),
+                _ => unreachable!("a publish replies with a position"),
             }
         })
     }
@@ -254,7 +257,7 @@ impl Broker for RedisBroker {
             self.common.metrics.history_fetch(started.elapsed());
             match reply? {
                 Reply::Snapshot(snapshot) => Ok(snapshot),
-                Reply::Published(_) => unreachable!("a read replies with a snapshot"),
+                _ => unreachable!("a read replies with a snapshot"),
             }
         })
     }
@@ -278,6 +281,37 @@ impl Broker for RedisBroker {
                 }
             }
             Ok(())
+        })
+    }
+
+    fn presence_sync<'a>(
+        &'a self,
+        channel: &'a str,
+        members: &'a Members,
+        _change: Option<Event<'a>>,
+    ) -> BrokerFuture<'a, ()> {
+        Box::pin(async move {
+            let name = self.common.redis_channel(channel);
+            let members: std::collections::BTreeMap<&str, u32> = members
+                .iter()
+                .map(|(user, count)| (&**user, *count))
+                .collect();
+            let members = serde_json::to_string(&members).expect("members serialize");
+            let command = Command::PresenceSync(&name, &members);
+            self.on_channel(channel, &command).await.map(|_| ())
+        })
+    }
+
+    fn presence_read<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, Members> {
+        Box::pin(async move {
+            let name = self.common.redis_channel(channel);
+            match self
+                .on_channel(channel, &Command::PresenceRead(&name))
+                .await?
+            {
+                Reply::Members(members) => Ok(members),
+                _ => unreachable!("a presence read replies with members"),
+            }
         })
     }
 
