@@ -1,10 +1,11 @@
 // What the client does when the server closes: a node restart (reconnect
-// with jitter, a gap on a plain channel), a slow-consumer close (reconnect)
-// and a forbidden close (stop). The demo page, served by a real node, in
-// Chromium. (Recovery of a history channel across a restart joins these
-// once channels can keep history.)
+// with jitter, a gap on a plain channel; recovery of a history channel from
+// Redis), a slow-consumer close (reconnect) and a forbidden close (stop).
+// The demo page, served by a real node, in Chromium.
 
 import assert from "node:assert/strict";
+import { writeFileSync } from "node:fs";
+import path from "node:path";
 import { after, before, test } from "node:test";
 
 import {
@@ -13,8 +14,13 @@ import {
   eventLog,
   eventually,
   launchBrowser,
+  notifications,
   openDemo,
+  receivedFrames,
+  removeDir,
   sleep,
+  startRedis,
+  tempDir,
   waitForNotification,
   waitForState,
 } from "./harness.mjs";
@@ -66,6 +72,58 @@ test("after a node restart, pages reconnect with jitter and report a gap on a pl
   await node.publish("notify.demo", { text: "after the restart" });
   for (const page of pages) await waitForNotification(page, "after the restart");
   for (const page of pages) assert.deepEqual(page.errors, []);
+});
+
+test("after a node restart, a page recovers from Redis exactly what a history channel missed", async (t) => {
+  // Two nodes on one redis-server, notify.* with history (in Redis Streams):
+  // the page's node restarts while the other publishes through its API.
+  const redis = await startRedis();
+  t.after(() => redis.stop("SIGKILL"));
+  const dir = tempDir("history");
+  t.after(() => removeDir(dir));
+  const config = path.join(dir, "herald.toml");
+  writeFileSync(config, '[[channels]]\npattern = "notify.*"\nhistory_size = 100\nhistory_ttl = "1h"\n');
+  const options = { env: { HERALD_BROKER__KIND: "redis", HERALD_BROKER__URL: redis.url }, args: ["--config", config] };
+  let [one, two] = await Promise.all([HeraldNode.serve(options), HeraldNode.serve(options)]);
+  t.after(() => Promise.all([one.stop("SIGKILL"), two.stop("SIGKILL")]));
+  const context = await browser.newContext();
+  t.after(() => context.close());
+  const page = await openDemo(context, `${one.base}/`);
+
+  await two.publish("notify.demo", { text: "before the restart" });
+  await waitForNotification(page, "before the restart");
+  const [before] = receivedFrames(page, "notify.demo");
+  assert.equal(before.offset, 1);
+
+  await one.stop("SIGTERM");
+  const away = ["away 1", "away 2", "away 3"];
+  for (const text of away) await two.publish("notify.demo", { text });
+  one = await HeraldNode.serve({ ...options, port: one.port });
+  await page.waitForFunction(() => document.querySelector("#reconnects").textContent == "1", null, { timeout: 15_000 });
+  await waitForState(page, "connected");
+  await two.publish("notify.demo", { text: "after the restart" });
+  await waitForNotification(page, "after the restart");
+
+  // The resubscription carried the page's position, and the node answered
+  // recovered: true with the history's top.
+  const socket = page.sockets.at(-1);
+  const subscribe = socket.sent.map((text) => JSON.parse(text)).find((frame) => frame.op == "subscribe");
+  assert.deepEqual(subscribe.since, { "notify.demo": { offset: 1, epoch: before.epoch } });
+  const reply = socket.received.map((text) => JSON.parse(text)).find((frame) => frame.id == subscribe.id);
+  assert.deepEqual(reply.positions["notify.demo"], { offset: 4, epoch: before.epoch, recovered: true });
+
+  // Every message once, in order, across both connections.
+  const frames = receivedFrames(page, "notify.demo");
+  assert.deepEqual(frames.map((frame) => [frame.offset, frame.data.text]), [
+    [1, "before the restart"], [2, "away 1"], [3, "away 2"], [4, "away 3"], [5, "after the restart"],
+  ]);
+  assert.ok(frames.every((frame) => frame.epoch == before.epoch));
+  assert.deepEqual(await notifications(page), ["after the restart", ...[...away].reverse(), "before the restart"]);
+  const badges = await page.$$eval("#notifications li", (items) => items.map((item) => item.classList.contains("recovered")));
+  assert.deepEqual(badges, [false, true, true, true, false]);
+  assert.equal(await page.textContent("#notify-notice"), "Recovered 3 missed messages");
+  assert.ok(!(await eventLog(page)).some((line) => line.includes("Gap on notify.demo")), "no gap on the history channel");
+  assert.deepEqual(page.errors, []);
 });
 
 test("a slow-consumer close (4002) makes the client reconnect", async (t) => {

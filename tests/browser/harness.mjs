@@ -121,11 +121,14 @@ class Child {
  * from its banner, as a person would.
  */
 export class HeraldNode extends Child {
-  /** `herald serve` on 127.0.0.1:`port` (a free one by default); `env` adds or overrides settings. */
-  static async serve({ port, env = {}, ca } = {}) {
+  /**
+   * `herald serve ARGS` on 127.0.0.1:`port` (a free one by default); `env`
+   * adds or overrides settings, `args` (e.g. `--config FILE`) go after `serve`.
+   */
+  static async serve({ port, env = {}, ca, args = [] } = {}) {
     port ??= await freePort();
     const tls = Boolean(env.HERALD_SERVER__TLS__CERT_FILE);
-    const node = new HeraldNode(HERALD_BIN, ["serve"], {
+    const node = new HeraldNode(HERALD_BIN, ["serve", ...args], {
       HERALD_SERVER__LISTEN: `127.0.0.1:${port}`,
       HERALD_AUTH__HMAC_SECRET: SECRET,
       HERALD_API__KEY: API_KEY,
@@ -319,6 +322,15 @@ export function waitForNotification(page, text, timeout = PATIENCE) {
 /** The page's "Client events" lines, newest first. */
 export function eventLog(page) {
   return page.$$eval("#log li span", (items) => items.map((item) => item.textContent));
+}
+
+/**
+ * The frames the page's sockets received, parsed, oldest first; with
+ * `channel`, only the `message` frames of that channel.
+ */
+export function receivedFrames(page, channel) {
+  const frames = page.sockets.flatMap((socket) => socket.received.map((text) => JSON.parse(text)));
+  return channel ? frames.filter((frame) => frame.type == "message" && frame.channel == channel) : frames;
 }
 
 /** A number shown in the page's header: `reconnects` or `gaps`. */

@@ -143,7 +143,11 @@ var Subscription = class extends Emitter {
   /** Moves the position to `top` unless it already is at or past it. */
   _advance(top) {
     const position = this.position;
-    if (typeof top.offset != "number" || !top.epoch) return;
+    if (typeof top.offset != "number" || typeof top.epoch != "string") return;
+    if (!top.epoch) {
+      if (!position) this.position = { offset: top.offset, epoch: "" };
+      return;
+    }
     if (!position || position.epoch != top.epoch || top.offset > position.offset) this.position = top;
   }
 };

@@ -186,7 +186,13 @@ export class Subscription<T = any> extends Emitter<SubscriptionEvents<T>> {
   /** Moves the position to `top` unless it already is at or past it. */
   private _advance(top: Position): void {
     const position = this.position;
-    if (typeof top.offset != "number" || !top.epoch) return;
+    if (typeof top.offset != "number" || typeof top.epoch != "string") return;
+    // A history channel without messages yet is at {offset: 0, epoch: ""}:
+    // keep that, so that a resubscription recovers from its first message.
+    if (!top.epoch) {
+      if (!position) this.position = { offset: top.offset, epoch: "" };
+      return;
+    }
     if (!position || position.epoch != top.epoch || top.offset > position.offset) this.position = top;
   }
 }

@@ -367,6 +367,30 @@ export function defineClientTests(name: string, build: Build): void {
       assert.equal(sub.state, "subscribed");
     });
 
+    test("a history channel subscribed before its first message recovers from that message", async () => {
+      const h = setup(Herald);
+      const notify = h.herald.subscribe("notify.alice");
+      const recovered: unknown[] = [];
+      notify.on("recovered", (ctx) => recovered.push([ctx.recovered, ctx.count]));
+      const first = await connected(h);
+      // What the server answers while the channel has no history yet.
+      first.replySubscribe({ positions: { "notify.alice": { offset: 0, epoch: "" } } });
+      assert.deepEqual(notify.position, { offset: 0, epoch: "" });
+      first.serverClose(1001, "shutdown");
+      await h.clock.advance(1000);
+      const second = await connected(h);
+      assert.deepEqual(second.last("subscribe").since, { "notify.alice": { offset: 0, epoch: "" } });
+      second.replySubscribe({ positions: { "notify.alice": { offset: 2, epoch: "Kx", recovered: true } } });
+      const got: number[] = [];
+      notify.on("message", (_data, ctx) => got.push(ctx.offset!));
+      for (const offset of [1, 2]) {
+        second.receive({ type: "message", channel: "notify.alice", data: offset, offset, epoch: "Kx" });
+      }
+      assert.deepEqual(got, [1, 2]);
+      assert.deepEqual(recovered, [[true, 2]]);
+      assert.deepEqual(notify.position, { offset: 2, epoch: "Kx" });
+    });
+
     test("resubscribes everything after a reconnect, with since for history channels", async () => {
       const h = setup(Herald);
       const notify = h.herald.subscribe("notify.alice");
