@@ -1,19 +1,26 @@
 //! Micro-benchmarks of the fan-out path: encoding, outbox push and drain, and
 //! hub delivery to 1, 1,000 and 10,000 subscribers, plus how long a subscribe
-//! waits while a 10,000-subscriber delivery runs on another thread. They guide
-//! the work; BENCHMARKS.md's end-to-end figures judge it.
+//! waits while a 10,000-subscriber delivery runs on another thread, and what
+//! a connection's writer spends framing and writing one batch. They guide the
+//! work; BENCHMARKS.md's end-to-end figures judge it.
 //!
 //! `cargo bench --bench fanout`
 
+use std::io::{IoSlice, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use herald::config::{Config, SlowPolicy};
 use herald::hub::Hub;
 use herald::metrics::Metrics;
 use herald::outbox::{DeliveryPolicy, Outbox, QueueLimits};
+use herald::protocol::Opcode;
+use herald::write_batch::WriteBatch;
 
 const PAYLOAD: &[u8] = br#"{"symbol":"AAPL","price":187.21,"volume":1200,"ts":1700000000123}"#;
 
@@ -170,9 +177,71 @@ fn subscribe_during_fanout(c: &mut Criterion) {
     fanout.join().unwrap();
 }
 
+/// Writes all of `batch`, vectored or made contiguous first (what the writer
+/// does for transports that do not write vectored, and what it did for every
+/// transport before), then clears it for the next batch.
+fn write_batch(out: &mut impl Write, batch: &mut WriteBatch, vectored: bool) {
+    if !vectored {
+        batch.make_contiguous();
+    }
+    while !batch.is_done() {
+        let mut slices = [IoSlice::new(&[]); 64];
+        let used = batch.io_slices(&mut slices);
+        let written = out.write_vectored(&slices[..used]).unwrap();
+        batch.advance(written);
+    }
+    // Between messages a writer waits, so it keeps only small buffers.
+    batch.clear_and_shrink();
+}
+
+/// One writer pass: `count` messages of `size` bytes (shared, as the hub
+/// shares them) framed into a batch and written, to `io::sink()` (the
+/// user-space cost alone) and to a loopback TCP socket that a thread drains
+/// (what a pass costs the node).
+fn writer_batches(c: &mut Criterion) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut reader = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (mut socket, _) = listener.accept().unwrap();
+    socket.set_nodelay(true).unwrap();
+    std::thread::spawn(move || {
+        let mut buffer = vec![0u8; 256 * 1024];
+        while reader.read(&mut buffer).is_ok_and(|n| n > 0) {}
+    });
+    let mut batch = WriteBatch::default();
+    for (sink, name) in [(true, "writer_batch_sink"), (false, "writer_batch_socket")] {
+        let mut group = c.benchmark_group(name);
+        for (count, size) in [
+            (1, 100),
+            (1, 1024),
+            (1, 4096),
+            (1, 16384),
+            (8, 100),
+            (8, 4096),
+        ] {
+            let payload = Bytes::from(vec![b'x'; size]);
+            for (vectored, how) in [(false, "copied"), (true, "vectored")] {
+                let id = BenchmarkId::new(how, format!("{count}x{size}"));
+                group.bench_function(id, |b| {
+                    b.iter(|| {
+                        for _ in 0..count {
+                            batch.push(Opcode::Text, payload.clone());
+                        }
+                        if sink {
+                            write_batch(&mut std::io::sink(), &mut batch, vectored);
+                        } else {
+                            write_batch(&mut socket, &mut batch, vectored);
+                        }
+                    })
+                });
+            }
+        }
+        group.finish();
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = encode, outbox_push_and_drain, conflate_behind_a_backlog, hub_deliver, subscribe_during_fanout
+    targets = encode, outbox_push_and_drain, conflate_behind_a_backlog, hub_deliver, subscribe_during_fanout, writer_batches
 }
 criterion_main!(benches);

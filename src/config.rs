@@ -28,6 +28,10 @@ const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
 /// The most clock skew `auth.leeway` may allow.
 const MAX_LEEWAY: Duration = Duration::from_secs(86_400);
 
+/// The largest socket buffer option accepted (1 GiB): the kernel takes a C
+/// int, and doubles `SO_SNDBUF`.
+const MAX_SOCKET_OPTION_BYTES: usize = 1 << 30;
+
 /// Keys whose environment value is a comma-separated list.
 const LIST_KEYS: &[&str] = &[
     "auth.algorithms",
@@ -149,6 +153,22 @@ pub struct ServerConfig {
     pub trusted_proxy_header: Option<String>,
     /// Peers (IPs or CIDRs) whose `trusted_proxy_header` is believed.
     pub trusted_proxies: Vec<String>,
+    /// `SO_SNDBUF` of every accepted socket, in bytes: the kernel's send
+    /// buffer, which holds the bytes sent and not yet acknowledged plus those
+    /// not sent yet. 0 leaves Linux's autotuning on, which grows it up to
+    /// `net.ipv4.tcp_wmem`'s maximum (4 MiB by default). A fixed value turns
+    /// autotuning off for the socket and caps its throughput at this many
+    /// bytes per round trip.
+    pub send_buffer_bytes: usize,
+    /// `TCP_NOTSENT_LOWAT` of every accepted socket (Linux): the bytes the
+    /// kernel may hold for a client that it has not sent yet. A client that
+    /// stops reading closes its TCP window, so everything written to it is
+    /// unsent: beyond this many bytes the socket stops taking writes, and
+    /// the outbox limits and `limits.write_timeout` act within seconds
+    /// instead of after megabytes. Bytes in flight are not limited, so
+    /// throughput on long, fast links is not either. 0 leaves the kernel's
+    /// default (`net.ipv4.tcp_notsent_lowat`, no limit unless set).
+    pub max_unsent_bytes: usize,
     /// Native TLS: when set, the listener serves HTTPS and `wss://` only.
     pub tls: Option<TlsConfig>,
     /// Serve the live demo page at `/` and mint demo tokens at `/demo/token`.
@@ -242,6 +262,8 @@ impl Default for ServerConfig {
             allowed_origins: Vec::new(),
             trusted_proxy_header: None,
             trusted_proxies: Vec::new(),
+            send_buffer_bytes: 0,
+            max_unsent_bytes: 16 * 1024,
             tls: None,
             demo: None,
             demo_feed: None,
@@ -929,6 +951,29 @@ impl Config {
             self.server.max_http_connections,
             1,
         )?;
+        // Socket options take a C int, which SO_SNDBUF is doubled into.
+        let zero_or_between = |key: &str, value: usize, min: usize| {
+            if value != 0 && !(min..=MAX_SOCKET_OPTION_BYTES).contains(&value) {
+                Err(ConfigError::invalid(
+                    key,
+                    format!(
+                        "must be 0 (the kernel's default) or between {min} and {MAX_SOCKET_OPTION_BYTES}"
+                    ),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        zero_or_between(
+            "server.send_buffer_bytes",
+            self.server.send_buffer_bytes,
+            4096,
+        )?;
+        zero_or_between(
+            "server.max_unsent_bytes",
+            self.server.max_unsent_bytes,
+            1024,
+        )?;
         at_least("limits.connection_burst", self.limits.connection_burst, 1)?;
         at_least("limits.request_burst", self.limits.request_burst, 1)?;
         at_least("limits.publish_burst", self.limits.publish_burst, 1)?;
@@ -1163,6 +1208,51 @@ mod tests {
         assert_eq!(config.limits.queue_messages, 7);
         assert_eq!(config.server.listen.port(), 9000);
         assert_eq!(config.node.id.as_deref(), Some("pod-1"));
+    }
+
+    #[test]
+    fn socket_buffer_options_are_zero_or_in_range() {
+        let load = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("HERALD_AUTH__HMAC_SECRET", SECRET)];
+            all.extend_from_slice(pairs);
+            Config::load_with_env(None, env(&all))
+        };
+        let defaults = load(&[]).unwrap();
+        assert_eq!(defaults.server.send_buffer_bytes, 0);
+        assert_eq!(defaults.server.max_unsent_bytes, 16 * 1024);
+        let set = load(&[
+            ("HERALD_SERVER__SEND_BUFFER_BYTES", "65536"),
+            ("HERALD_SERVER__MAX_UNSENT_BYTES", "0"),
+        ])
+        .unwrap();
+        assert_eq!(set.server.send_buffer_bytes, 65536);
+        assert_eq!(set.server.max_unsent_bytes, 0);
+        for (variable, value, key) in [
+            (
+                "HERALD_SERVER__SEND_BUFFER_BYTES",
+                "4095",
+                "server.send_buffer_bytes",
+            ),
+            (
+                "HERALD_SERVER__SEND_BUFFER_BYTES",
+                "1073741825",
+                "server.send_buffer_bytes",
+            ),
+            (
+                "HERALD_SERVER__MAX_UNSENT_BYTES",
+                "1023",
+                "server.max_unsent_bytes",
+            ),
+            (
+                "HERALD_SERVER__MAX_UNSENT_BYTES",
+                "1073741825",
+                "server.max_unsent_bytes",
+            ),
+            ("HERALD_SERVER__MAX_UNSENT_BYTES", "-1", "max_unsent_bytes"),
+        ] {
+            let error = load(&[(variable, value)]).unwrap_err().to_string();
+            assert!(error.contains(key), "{variable}={value}: {error}");
+        }
     }
 
     #[test]

@@ -4,13 +4,17 @@
 //! that could resume it: it runs on its own and only ever pushes into the
 //! outbox. The writer task owns the socket's write half, the ping timer, the
 //! token expiry and the drain; it is the only place that writes, and every
-//! frame pending when it wakes goes out in one write.
+//! frame pending when it wakes goes out in one vectored write, large
+//! payloads straight from the hub's shared buffers ([`WriteBatch`]).
 //!
 //! Per-connection memory, idle and subscribed: the outbox (~250 bytes, its
-//! queue freed when drained), the session's channel map, the two task futures
-//! and a read buffer that is empty when idle (see ARCHITECTURE.md).
+//! queue freed when drained), the session's channel map, the two task
+//! futures, a write batch kept only while small, and a read buffer that is
+//! empty when idle (see ARCHITECTURE.md).
 
+use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -33,6 +37,7 @@ use crate::protocol::{self, CloseCode, Opcode, ServerFrame};
 use crate::rate::TokenBucket;
 pub(crate) use crate::session::Mode;
 use crate::session::Session;
+use crate::write_batch::WriteBatch;
 
 /// How long the node waits for the client's answer to its close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -40,8 +45,12 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// The most bytes of queued frames the writer puts in one write.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 
-/// A write buffer larger than this is freed after use rather than kept.
-const KEPT_WRITE_BUFFER: usize = 1024;
+/// Drained-frame slots kept allocated while the writer waits; a burst's
+/// larger list is freed once the burst is written.
+const KEPT_FRAME_SLOTS: usize = 16;
+
+/// The most slices handed to one vectored write (Linux's `IOV_MAX` is 1024).
+const MAX_WRITE_SLICES: usize = 64;
 
 /// Runs a session on an upgraded connection until it closes.
 pub(crate) async fn serve(
@@ -307,7 +316,7 @@ where
     tokio::pin!(cancelled);
     let mut shutting_down = false;
     let mut frames: Vec<Bytes> = Vec::new();
-    let mut buffer: Vec<u8> = Vec::new();
+    let mut batch = WriteBatch::default();
     let mut next_ping = Instant::now() + settings.ping_interval;
     // When the outstanding ping was sent, and when its answer is due.
     let mut awaiting_pong: Option<(Instant, Instant)> = None;
@@ -325,7 +334,7 @@ where
         }
         let now = Instant::now();
         if now >= next_ping {
-            protocol::write_frame(&mut buffer, Opcode::Ping, b"");
+            batch.push_copied(Opcode::Ping, b"");
             if awaiting_pong.is_none() {
                 awaiting_pong = Some((now, now + settings.ping_timeout));
             }
@@ -344,7 +353,7 @@ where
         }
         let drained = outbox.drain(&mut frames, MAX_BATCH_BYTES, now);
         for payload in &drained.pongs {
-            protocol::write_frame(&mut buffer, Opcode::Pong, payload);
+            batch.push_copied(Opcode::Pong, payload);
         }
         let opcode = if drained.binary {
             Opcode::Binary
@@ -352,28 +361,24 @@ where
             Opcode::Text
         };
         for frame in frames.drain(..) {
-            protocol::write_frame(&mut buffer, opcode, &frame);
+            batch.push(opcode, frame);
         }
         let reason = drained.closing.as_ref().map(|closing| match closing {
             Closing::Code(code) => {
-                protocol::write_frame(&mut buffer, Opcode::Close, &protocol::close_payload(*code));
+                batch.push_copied(Opcode::Close, &protocol::close_payload(*code));
                 code.reason()
             }
             Closing::Echo(payload) => {
-                protocol::write_frame(&mut buffer, Opcode::Close, payload);
+                batch.push_copied(Opcode::Close, payload);
                 "client_closed"
             }
         });
-        if !buffer.is_empty() {
-            match write_with_progress(&mut io, &buffer, settings.write_timeout).await {
+        if !batch.is_done() {
+            match write_with_progress(&mut io, &mut batch, settings.write_timeout).await {
                 Ok(()) => metrics.frames_delivered(drained.messages),
                 Err(WriteFailure::Lost) => return "connection_lost",
                 // The socket is stuck, so no close frame can be sent either.
                 Err(WriteFailure::Stalled) => return CloseCode::SlowConsumer.reason(),
-            }
-            buffer.clear();
-            if buffer.capacity() > KEPT_WRITE_BUFFER {
-                buffer = Vec::new();
             }
         }
         if let Some(reason) = reason {
@@ -381,7 +386,14 @@ where
             return reason;
         }
         if drained.more {
+            // Busy: the buffers are reused for the next batch at once.
+            batch.clear();
             continue;
+        }
+        // About to wait: keep only small buffers while idle.
+        batch.clear_and_shrink();
+        if frames.capacity() > KEPT_FRAME_SLOTS {
+            frames = Vec::new();
         }
 
         let mut deadline = next_ping.min(expiry);
@@ -414,20 +426,32 @@ enum WriteFailure {
     Stalled,
 }
 
-/// Writes all of `buffer`, failing when a single write makes no progress for
-/// `timeout` (`limits.write_timeout`), however long the whole takes.
+/// Writes all of `batch`, failing when a single write makes no progress for
+/// `timeout` (`limits.write_timeout`), however long the whole takes. Large
+/// payloads go to the kernel from the hub's shared buffers, in one vectored
+/// write with the headers; a transport that does not write vectored (the
+/// trait's fallback writes only the first slice, so TLS would send a tiny
+/// record per header) gets the batch copied into one buffer first.
 async fn write_with_progress<W>(
     io: &mut W,
-    mut buffer: &[u8],
+    batch: &mut WriteBatch,
     timeout: Duration,
 ) -> Result<(), WriteFailure>
 where
     W: AsyncWrite + Unpin,
 {
-    while !buffer.is_empty() {
-        match tokio::time::timeout(timeout, io.write(buffer)).await {
+    if !io.is_write_vectored() {
+        batch.make_contiguous();
+    }
+    while !batch.is_done() {
+        let write = std::future::poll_fn(|cx| {
+            let mut slices = [IoSlice::new(&[]); MAX_WRITE_SLICES];
+            let used = batch.io_slices(&mut slices);
+            Pin::new(&mut *io).poll_write_vectored(cx, &slices[..used])
+        });
+        match tokio::time::timeout(timeout, write).await {
             Ok(Ok(0)) | Ok(Err(_)) => return Err(WriteFailure::Lost),
-            Ok(Ok(written)) => buffer = &buffer[written..],
+            Ok(Ok(written)) => batch.advance(written),
             Err(_) => return Err(WriteFailure::Stalled),
         }
     }
@@ -465,6 +489,153 @@ mod tests {
         let mut payload = vec![0u8; length as usize];
         io.read_exact(&mut payload).await.unwrap();
         (head[0] & 0x0f, payload)
+    }
+
+    /// A socket that takes at most `step` bytes per write and is not ready
+    /// on every other call, vectored or not, keeping what it was given.
+    struct Trickle {
+        written: Vec<u8>,
+        step: usize,
+        vectored: bool,
+        calls: usize,
+    }
+
+    impl Trickle {
+        fn ready(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+            self.calls += 1;
+            if self.calls % 2 == 0 {
+                cx.waker().wake_by_ref();
+                return false;
+            }
+            true
+        }
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            if !self.ready(cx) {
+                return std::task::Poll::Pending;
+            }
+            let take = buf.len().min(self.step);
+            self.written.extend_from_slice(&buf[..take]);
+            std::task::Poll::Ready(Ok(take))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            if !self.vectored {
+                // The trait's fallback: the first non-empty slice only.
+                let first = bufs.iter().find(|buf| !buf.is_empty());
+                return self.poll_write(cx, first.map_or(&[][..], |buf| &buf[..]));
+            }
+            if !self.ready(cx) {
+                return std::task::Poll::Pending;
+            }
+            let mut taken = 0;
+            for buf in bufs {
+                let take = buf.len().min(self.step - taken);
+                self.written.extend_from_slice(&buf[..take]);
+                taken += take;
+                if taken == self.step {
+                    break;
+                }
+            }
+            std::task::Poll::Ready(Ok(taken))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.vectored
+        }
+
+        fn poll_flush(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn partial_writes_produce_byte_exact_frames() {
+        // Messages on both sides of the shared-payload threshold and of the
+        // header's length forms, one larger than a batch, a pong first and
+        // the close last.
+        let sizes = [
+            0, 5, 125, 126, 511, 512, 600, 4096, 65_535, 65_536, 70_000, 3,
+        ];
+        let messages: Vec<Bytes> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| Bytes::from(vec![b'a' + i as u8; size]))
+            .collect();
+        let mut expected = Vec::new();
+        protocol::write_frame(&mut expected, Opcode::Pong, b"are you there");
+        for message in &messages {
+            protocol::write_frame(&mut expected, Opcode::Text, message);
+        }
+        protocol::write_frame(
+            &mut expected,
+            Opcode::Close,
+            &protocol::close_payload(CloseCode::GoingAway),
+        );
+        let settings = WriterSettings {
+            ping_interval: Duration::from_secs(60),
+            ping_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(10),
+        };
+        for vectored in [true, false] {
+            for step in [1, 2, 7, 100, 1500, usize::MAX] {
+                let metrics = Metrics::new("test");
+                let outbox = Arc::new(Outbox::new(
+                    QueueLimits {
+                        messages: 100,
+                        bytes: 1 << 20,
+                    },
+                    u64::MAX,
+                    metrics.clone(),
+                ));
+                outbox.pong(Bytes::from_static(b"are you there"));
+                for message in &messages {
+                    outbox.push_message(message, 1, &DeliveryPolicy::default());
+                }
+                outbox.close(CloseCode::GoingAway);
+                let mut socket = Trickle {
+                    written: Vec::new(),
+                    step,
+                    vectored,
+                    calls: 0,
+                };
+                let reason = write_loop(
+                    &mut socket,
+                    outbox,
+                    settings,
+                    CancellationToken::new(),
+                    metrics,
+                )
+                .await;
+                assert_eq!(reason, "shutdown");
+                assert!(
+                    socket.written == expected,
+                    "vectored {vectored}, step {step}: {} bytes written, {} expected",
+                    socket.written.len(),
+                    expected.len()
+                );
+            }
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@
 //! - [`hub`]: channel to local subscribers; encodes each message once; drives broker interest.
 //! - [`broker`]: the [`broker::Broker`] trait and its implementations.
 //! - [`protocol`]: client requests, server frames, close and error codes; pure.
+//! - [`write_batch`]: the frames of one socket write, large payloads shared rather than copied; pure.
 //! - [`channel`]: channel names and glob patterns; pure.
 //! - [`metrics`]: the only module that touches prometheus.
 //! - [`shutdown`]: signals and the drain.
@@ -44,6 +45,7 @@ mod server;
 mod session;
 pub mod shutdown;
 pub mod tls;
+pub mod write_batch;
 
 use std::future::Future;
 use std::sync::Arc;

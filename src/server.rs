@@ -27,6 +27,7 @@ use crate::Node;
 use crate::admission::Refusal;
 use crate::auth::AuthError;
 use crate::channel;
+use crate::config::ServerConfig;
 use crate::connection::{self, Mode};
 use crate::demo;
 use crate::http::{self, Body};
@@ -43,7 +44,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, node: Node) {
         };
         match accepted {
             Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
+                tune_socket(&stream, &node.config.server);
                 match node.http_slots.clone().try_acquire_owned() {
                     Ok(slot) => match node.tls.clone() {
                         None => {
@@ -80,6 +81,31 @@ pub(crate) async fn accept_loop(listener: TcpListener, node: Node) {
                 warn!(%error, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+/// Sets the options of an accepted socket. Nagle's delay is off: the writer
+/// already puts everything pending into one write. The kernel's share of a
+/// client's backlog is bounded (`server.max_unsent_bytes`, and
+/// `server.send_buffer_bytes` when set), so that a client that stops reading
+/// soon stops taking writes, and the outbox limits and `limits.write_timeout`
+/// can act (BENCHMARKS.md, figure 6). An option the kernel refuses is logged
+/// and left at its default; the connection is served anyway.
+fn tune_socket(stream: &TcpStream, server: &ServerConfig) {
+    let _ = stream.set_nodelay(true);
+    let socket = socket2::SockRef::from(stream);
+    if server.send_buffer_bytes > 0 {
+        if let Err(error) = socket.set_send_buffer_size(server.send_buffer_bytes) {
+            debug!(%error, "cannot set SO_SNDBUF (server.send_buffer_bytes)");
+        }
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if server.max_unsent_bytes > 0 {
+        // Validated to fit: at most 1 GiB.
+        let bytes = server.max_unsent_bytes as u32;
+        if let Err(error) = socket.set_tcp_notsent_lowat(bytes) {
+            debug!(%error, "cannot set TCP_NOTSENT_LOWAT (server.max_unsent_bytes)");
         }
     }
 }
@@ -571,5 +597,82 @@ async fn publish(request: Request<Incoming>, node: &Node) -> Response<Body> {
             )
         }
         Err(error) => http::error(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+    use super::*;
+
+    /// Accepts a connection from a client with a 4 KiB receive buffer that
+    /// never reads, tunes the accepted socket, and counts the bytes it takes
+    /// in 200-byte writes (a small delivery frame each) before it stays
+    /// unwritable. The client is returned so that it outlives the count.
+    async fn bytes_taken_by_a_stalled_reader(server: &ServerConfig) -> (usize, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpSocket::new_v4().unwrap();
+        client.set_recv_buffer_size(4096).unwrap();
+        let client = client
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        tune_socket(&stream, server);
+        let frame = [b'x'; 200];
+        let mut taken = 0;
+        // The kernel's maximum send buffer is a few MiB; stop well past it.
+        while taken < 64 << 20 {
+            match stream.try_write(&frame) {
+                Ok(written) => taken += written,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    let writable = stream.writable();
+                    if tokio::time::timeout(Duration::from_millis(200), writable)
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(error) => panic!("write failed: {error}"),
+            }
+        }
+        (taken, client)
+    }
+
+    #[tokio::test]
+    async fn a_stalled_reader_takes_at_most_about_max_unsent_bytes() {
+        let bounded = ServerConfig::default();
+        assert_eq!(bounded.max_unsent_bytes, 16 * 1024);
+        let (taken, _client) = bytes_taken_by_a_stalled_reader(&bounded).await;
+        // The unsent limit, what the client's receive buffer holds, and
+        // the segment being filled when the limit is reached.
+        assert!(taken < 48 * 1024, "{taken} bytes taken");
+
+        // Without it, Linux grows the send buffer for a peer that reads
+        // nothing, and every write succeeds for megabytes.
+        let autotuned = ServerConfig {
+            max_unsent_bytes: 0,
+            ..ServerConfig::default()
+        };
+        let (taken_autotuned, _client) = bytes_taken_by_a_stalled_reader(&autotuned).await;
+        assert!(
+            taken_autotuned > 8 * taken,
+            "{taken_autotuned} bytes without the limit, {taken} with it"
+        );
+
+        let small_buffer = ServerConfig {
+            send_buffer_bytes: 8192,
+            max_unsent_bytes: 0,
+            ..ServerConfig::default()
+        };
+        let (taken_small, _client) = bytes_taken_by_a_stalled_reader(&small_buffer).await;
+        assert!(
+            taken_small < 48 * 1024,
+            "{taken_small} bytes with SO_SNDBUF 8192"
+        );
     }
 }

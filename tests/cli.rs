@@ -110,6 +110,18 @@ fn invalid_configuration_exits_64_naming_the_key() {
         64,
         "auth.public_key_file",
     );
+    check(
+        &secret,
+        &[("HERALD_SERVER__SEND_BUFFER_BYTES", "100")],
+        64,
+        "server.send_buffer_bytes",
+    );
+    check(
+        &format!("{secret}[server]\nmax_unsent_bytes = 2147483648\n"),
+        &[],
+        64,
+        "server.max_unsent_bytes",
+    );
     check(&secret, &[], 0, "");
 }
 

@@ -420,14 +420,41 @@ async fn zero_loss(
         subscribe(&mut c, CHANNEL, None).await;
         clients.push(c);
     }
+    // The subscribers read while the messages arrive, as clients do: one
+    // that read nothing for the 5 s would hold 2,500 messages, more than its
+    // outbox may (`limits.queue_messages`), and be closed with 4002.
+    let (top_sender, top) = tokio::sync::watch::channel(None);
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            let mut top = top.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let published: u64 = loop {
+                    tokio::select! {
+                        // Reading one offset is cancelled only while it waits
+                        // for a frame, so none is lost.
+                        (more, _) = offsets(&mut c, CHANNEL, 1) => seen.extend(more),
+                        published = top.wait_for(Option::is_some) => {
+                            break published.expect("the sender outlives the readers").expect("set");
+                        }
+                    }
+                };
+                let rest = (published as usize).saturating_sub(seen.len());
+                seen.extend(offsets(&mut c, CHANNEL, rest).await.0);
+                seen
+            })
+        })
+        .collect();
     let (published, ()) = tokio::join!(
-        publish_at(publisher_node, 500, Duration::from_secs(5)),
+        async {
+            let published = publish_at(publisher_node, 500, Duration::from_secs(5)).await;
+            top_sender.send_replace(Some(published));
+            published
+        },
         fault
     );
-    let readers = clients.into_iter().map(|mut c| {
-        tokio::spawn(async move { offsets(&mut c, CHANNEL, published as usize).await.0 })
-    });
-    for (i, reader) in readers.enumerate() {
+    for (i, reader) in readers.into_iter().enumerate() {
         let seen = reader.await.unwrap();
         assert_eq!(
             seen,

@@ -54,6 +54,46 @@ async fn drop_oldest_keeps_the_connection_and_the_newest_messages() {
 }
 
 #[tokio::test]
+async fn a_reader_that_stops_reading_is_dropped_within_the_write_timeout() {
+    // Small messages at a modest rate: 400 KB in all, far below the 4 MB
+    // that Linux lets a socket buffer for a peer that reads nothing. Only
+    // `server.max_unsent_bytes` makes the socket stop taking writes, so
+    // that the write timeout can act (BENCHMARKS.md, figure 6).
+    let node = TestNode::start_with(|c| c.limits.write_timeout = Duration::from_secs(1)).await;
+    let mut healthy = node.client(&["feed"]).await;
+    healthy.subscribe(&["feed"]).await;
+    let _stalled = RawClient::subscribed_with(&node, "feed", Some(4096)).await;
+    let count = 200;
+    let reader = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while seen.len() < count {
+            seen.push(healthy.next_json().await["data"]["n"].as_u64().unwrap());
+        }
+        (healthy, seen)
+    });
+    let padding = "x".repeat(2000);
+    for n in 0..count {
+        let (status, _) = node.publish("feed", json!({"n": n, "pad": padding})).await;
+        assert_eq!(status, 200);
+    }
+    let (_healthy, seen) = reader.await.unwrap();
+    assert_eq!(
+        seen,
+        (0..count as u64).collect::<Vec<_>>(),
+        "the healthy neighbour lost nothing"
+    );
+    // The stalled reader's socket is full after a few dozen messages; one
+    // write timeout later it is dropped.
+    eventually_metric(
+        &node,
+        "herald_disconnects_total{reason=\"slow_consumer\"}",
+        1.0,
+    )
+    .await;
+    eventually_metric(&node, "herald_connections_open", 1.0).await;
+}
+
+#[tokio::test]
 async fn max_rate_hz_caps_deliveries_and_the_newest_wins() {
     let node = TestNode::start_with(|c| {
         c.channels = vec![rule("slow.*", SlowPolicy::Disconnect, Some(5.0))]

@@ -317,7 +317,22 @@ pub struct RawClient {
 
 impl RawClient {
     pub async fn connect(addr: SocketAddr, path_and_query: &str) -> RawClient {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
+        Self::connect_with(addr, path_and_query, None).await
+    }
+
+    /// Connects with `SO_RCVBUF` set to `receive_buffer` bytes when given: a
+    /// client that stops reading then stalls its socket after a few KiB, as
+    /// the load tester's stalled readers do.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        path_and_query: &str,
+        receive_buffer: Option<u32>,
+    ) -> RawClient {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(bytes) = receive_buffer {
+            socket.set_recv_buffer_size(bytes).unwrap();
+        }
+        let mut stream = socket.connect(addr).await.unwrap();
         let request = format!(
             "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         );
@@ -344,8 +359,18 @@ impl RawClient {
     /// A raw client on `node` subscribed to `channel` (the reply has been
     /// read); it reads nothing more unless the test asks.
     pub async fn subscribed(node: &TestNode, channel: &str) -> RawClient {
-        let mut raw =
-            RawClient::connect(node.addr, &format!("/ws?token={}", token("u", &["*"]))).await;
+        Self::subscribed_with(node, channel, None).await
+    }
+
+    /// [`RawClient::subscribed`] with the receive buffer of
+    /// [`RawClient::connect_with`].
+    pub async fn subscribed_with(
+        node: &TestNode,
+        channel: &str,
+        receive_buffer: Option<u32>,
+    ) -> RawClient {
+        let path = format!("/ws?token={}", token("u", &["*"]));
+        let mut raw = RawClient::connect_with(node.addr, &path, receive_buffer).await;
         let request = json!({"op": "subscribe", "id": 1, "channels": [channel]}).to_string();
         raw.send_frame(true, 0x1, request.as_bytes(), true).await;
         loop {
