@@ -126,6 +126,10 @@ pub enum PublishKind {
     Api,
     /// `PUBLISH` on a multiplexed Redis connection.
     Redis,
+    /// `FCALL herald_publish 1 <channel> <payload>` on a multiplexed Redis
+    /// connection: herald's Redis Function, which appends the message to a
+    /// history channel's stream and publishes it with its offset.
+    Function,
 }
 
 #[derive(Debug, Clone, Args, Serialize)]
@@ -133,7 +137,7 @@ pub struct PublishArgs {
     /// Publisher; defaults to `api` when --api-url is given, else `redis`.
     #[arg(long)]
     pub publish: Option<PublishKind>,
-    /// Redis URL for `--publish redis`.
+    /// Redis URL for `--publish redis` and `--publish function`.
     #[arg(long)]
     #[serde(skip)]
     pub redis_url: Option<String>,
