@@ -729,9 +729,14 @@ pub fn parse_response(buffer: &[u8]) -> Result<Option<Response>, &'static str> {
 async fn redis_connect(
     client: &redis::Client,
 ) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    // Room for every command in flight in the connection's queue: a send
+    // then never waits, so commands are queued in the order they were
+    // pushed. With the default of 50, sends that waited for room overtook
+    // one another and Redis ran them out of order under saturation.
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
-        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT));
+        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
+        .set_pipeline_buffer_size(REDIS_IN_FLIGHT);
     client
         .get_multiplexed_async_connection_with_config(&config)
         .await

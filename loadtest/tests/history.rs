@@ -141,3 +141,62 @@ async fn deliveries_without_offsets_fail_the_accounting() {
     );
     node.shutdown().await;
 }
+
+/// At saturation the publisher has thousands of commands in flight on one
+/// connection; Redis must still run them in the order they were scheduled.
+/// The stream shows the order it ran them in: each entry's payload carries
+/// its sequence number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publisher_keeps_its_order_at_saturation() {
+    let redis = Redis::start();
+    let node = history_node(&redis).await;
+    let args = strings(&[
+        "fanout",
+        "--url",
+        &node.ws_url(),
+        "--secret",
+        SECRET,
+        "--publish",
+        "function",
+        "--redis-url",
+        &redis.url(),
+        "--subscribers",
+        "1",
+        "--rate",
+        "100000",
+        "--warmup",
+        "0.1s",
+        "--duration",
+        "1s",
+        "--payload",
+        "60",
+    ]);
+    let summary = run_tool("history-order", &args).await;
+    assert!(
+        count(&summary, "publish_acknowledged") >= 10_000,
+        "{summary:#}"
+    );
+    let mut connection = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg("{fanout.0}:s")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 10_000, "the stream keeps history_size");
+    let seqs: Vec<u64> = entries
+        .iter()
+        .map(|(_, fields)| {
+            let payload: Value = serde_json::from_str(&fields[0].1).unwrap();
+            payload["seq"].as_u64().unwrap()
+        })
+        .collect();
+    let reordered = seqs.windows(2).filter(|pair| pair[1] < pair[0]).count();
+    assert_eq!(reordered, 0, "Redis ran publishes out of order");
+    node.shutdown().await;
+}
