@@ -145,7 +145,8 @@ impl Plan {
     }
 
     /// When subscriber `index` first disconnects, after it subscribed:
-    /// within one period, spread evenly by a hash of its index.
+    /// between half a period and one and a half, spread evenly by a hash of
+    /// its index, so that the disconnections of all of them spread over time.
     pub fn first_reconnect(&self, index: u64) -> Duration {
         let spread = (index.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
         self.reconnect_every.mul_f64(0.5 + spread)
@@ -1510,9 +1511,8 @@ impl Resumer {
         let mut ws = self.subscribed(session, None);
         loop {
             let ended = loop {
-                let may_force = forced
-                    && self.since().is_some()
-                    && !self.shared.published.load(Ordering::Relaxed);
+                let may_force =
+                    forced && self.has_position() && !self.shared.published.load(Ordering::Relaxed);
                 tokio::select! {
                     biased;
                     _ = stopped.wait_for(|stop| *stop) => break Ended::Stop,
@@ -1547,7 +1547,8 @@ impl Resumer {
             // A replay cut short is promised again by the next resume.
             if let (Some((epoch, top)), Some((at_epoch, at))) = (&self.replaying, self.since()) {
                 if *epoch == at_epoch && *top > at {
-                    self.history.stats.promised_messages -= top - at;
+                    let stats = &mut self.history.stats;
+                    stats.promised_messages = stats.promised_messages.saturating_sub(top - at);
                 }
             }
             self.replaying = None;
@@ -1563,6 +1564,11 @@ impl Resumer {
             disconnects: self.disconnects,
             history: Some(Box::new(self.history)),
         }
+    }
+
+    /// Whether there is a position to resume from (without building it).
+    fn has_position(&self) -> bool {
+        self.adopted.is_some() || self.history.offsets.position().is_some()
     }
 
     /// Where to resume from: the latest of the last offset received in
