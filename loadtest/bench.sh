@@ -4,9 +4,10 @@
 #   loadtest/bench.sh memory|handshakes|fanout-1k|cpu-100k|fanout-10k|fanout-10k-redis|slow|storm|100k [RATE...]
 #   loadtest/bench.sh faults-redis-kill|faults-client-kill|faults-redis-pause|faults-sigterm|
 #                     faults-slow-attack|faults-leaks|drain|faults-ci|faults
+#   loadtest/bench.sh history-kills|history-resume|history-publish|history-cpu [RATE...]|history-ci|history
 #
-# The faults-* scenarios and drain assert their outcome: the tool exits 1
-# when a check fails, and so does this script.
+# The faults-* scenarios, drain, history-kills and history-resume assert
+# their outcome: the tool exits 1 when a check fails, and so does this script.
 #
 # Release builds of herald and herald-loadtest are made first. Gateway nodes
 # are pinned to core 0 (taskset -c 0); the load tester and Redis to core 1.
@@ -82,7 +83,8 @@ start_node() {
     if [ "$broker" = redis ]; then
         env+=(HERALD_BROKER__KIND=redis HERALD_BROKER__URL=redis://127.0.0.1:$REDIS_PORT)
     fi
-    env "${env[@]}" "$@" taskset -c "$GATEWAY_CORE" "$HERALD" serve &
+    # NODE_CONFIG: a TOML file for what the environment cannot say ([[channels]]).
+    env "${env[@]}" "$@" taskset -c "$GATEWAY_CORE" "$HERALD" serve ${NODE_CONFIG:+--config "$NODE_CONFIG"} &
     NODE_PID=$!
     NODE_PORT=$port
     PIDS+=($!)
@@ -135,6 +137,29 @@ redis_fault_load() {
     echo --secret $SECRET "${PIDFLAGS[@]}" "${URLS[@]}" --source-ips 2 \
         --publish redis --redis-url redis://127.0.0.1:$REDIS_PORT \
         --subscribers 1000 --channels 10 --payload 100 $(metrics "${PORTS[0]}")
+}
+
+# history_config: writes the history channels' configuration, history on
+# every fanout.* channel, and prints its path (for NODE_CONFIG).
+history_config() {
+    local file="$OUT/history-channels.toml"
+    cat >"$file" <<'TOML'
+[[channels]]
+pattern = "fanout.*"
+history_size = 10000
+history_ttl = "10m"
+recover_max = 1000
+TOML
+    echo "$file"
+}
+
+# The history scenarios' load: 1,000 subscribers over 10 channels, 1,000
+# messages/s published with FCALL herald_publish (100,000 deliveries/s),
+# every delivery accounted by offset.
+history_load() {
+    echo --secret $SECRET "${PIDFLAGS[@]}" "${URLS[@]}" --source-ips 2 \
+        --publish function --redis-url redis://127.0.0.1:$REDIS_PORT --history \
+        --subscribers 1000 --channels 10 --payload 100 --rate 1000 $(metrics "${PORTS[@]}")
 }
 
 # median FILE... -- JSONPATH: the median of one numeric field over summaries.
@@ -375,6 +400,121 @@ drain)
 faults-ci)
     # The CI-sized Redis-kill and CLIENT KILL faults (loadtest/tests/faults.rs).
     cargo test -q -p herald-loadtest --test faults
+    ;;
+history-kills)
+    # CLIENT KILL TYPE pubsub every 2 s for 30 s on history channels (the
+    # load of faults-client-kill, published with herald_publish): the node
+    # fills what each kill cost from the streams, so every subscriber gets
+    # every offset exactly once, in order, and no gap.
+    start_redis
+    NODE_CONFIG=$(history_config) start_nodes 1 redis
+    tool fanout $(history_load) --duration 30s --kill-pubsub-every 2s \
+        --check offsets-exact --check no-gap --check lossless --check no-disconnects \
+        --expect-metric 'increase(herald_broker_reconnects_total)>=14' \
+        --expect-metric 'increase(herald_gap_notices_total)==0' \
+        --expect-metric 'increase(herald_history_filled_messages_total)>0' \
+        --expect-metric 'increase(herald_broker_stale_pushes_total)==0' \
+        --expect-metric 'herald_connections_open==1000' \
+        --json "$OUT/history-kills.json"
+    still_up "$NODE_PID"
+    ;;
+history-resume)
+    # Two nodes on one Redis; a tenth of the subscribers disconnect every 2 s
+    # and resubscribe with since on the other node: every resume recovers
+    # exactly what it missed, and nothing is missing, duplicated or reordered.
+    start_redis
+    NODE_CONFIG=$(history_config) start_nodes 2 redis
+    tool fanout $(history_load) --duration 30s --reconnect-fraction 0.1 --reconnect-every 2s \
+        --check offsets-exact --check no-gap --check recovered --check lossless \
+        --expect-metric 'increase(herald_history_recoveries_total{outcome="failed"})==0' \
+        --expect-metric 'increase(herald_gap_notices_total)==0' \
+        --json "$OUT/history-resume.json"
+    ;;
+history-publish)
+    # Publish throughput into Redis, pipelined: FCALL herald_publish against
+    # PUBLISH, 100-byte payloads to one channel that one subscriber hears.
+    # redis-benchmark (4 connections, 32 commands in flight each) on the
+    # gateway core, Redis alone on the other; a herald node loads the
+    # function library and stops. REPEAT alternating runs (default 5) of
+    # 1,000,000 commands; Redis's own CPU per command from /proc.
+    start_redis
+    NODE_CONFIG=$(history_config) start_nodes 1 redis
+    kill "$NODE_PID"
+    wait "$NODE_PID" 2>/dev/null || true
+    taskset -c "$GATEWAY_CORE" redis-cli -p "$REDIS_PORT" subscribe fanout.0 >/dev/null &
+    PIDS+=($!)
+    payload=$(printf 'x%.0s' $(seq 1 100))
+    requests=${REQUESTS:-1000000}
+    results="$OUT/history-publish.txt"
+    : >"$results"
+    for i in $(seq 1 "${REPEAT:-5}"); do
+        for command in PUBLISH FCALL; do
+            if [ "$command" = PUBLISH ]; then args=(PUBLISH fanout.0 "$payload"); else args=(FCALL herald_publish 1 fanout.0 "$payload"); fi
+            before=$(awk '{print $14 + $15}' "/proc/$REDIS_PID/stat")
+            rate=$(taskset -c "$GATEWAY_CORE" redis-benchmark -p "$REDIS_PORT" -c 4 -P 32 -n "$requests" --csv "${args[@]}" |
+                awk -F, 'NR == 2 {gsub(/"/, "", $2); print $2}')
+            after=$(awk '{print $14 + $15}' "/proc/$REDIS_PID/stat")
+            us=$(python3 -c "print(round(($after - $before) * 10000 / $requests, 3))")
+            echo "$command run $i: $rate commands/s, Redis CPU $us us/command" | tee -a "$results"
+        done
+    done
+    python3 - "$results" <<'PY'
+import re, statistics, sys
+rows = [re.match(r"(\w+) run \d+: ([\d.]+) commands/s, Redis CPU ([\d.]+) us", line).groups() for line in open(sys.argv[1])]
+for command in ("PUBLISH", "FCALL"):
+    rates = [float(r) for c, r, _ in rows if c == command]
+    cpu = [float(u) for c, _, u in rows if c == command]
+    print(f"{command}: median {statistics.median(rates):,.0f}/s {sorted(rates)}, Redis CPU median {statistics.median(cpu)} us/command")
+PY
+    echo "stream length: $(redis-cli -p "$REDIS_PORT" xlen '{fanout.0}:s')"
+    ;;
+history-cpu)
+    # Node CPU per delivery on a history channel against a plain one, same
+    # fan-out: 1,000 subscribers on one channel through Redis, RATE messages/s
+    # (default 100 and 400), PUBLISH to a plain node and herald_publish to a
+    # history node, a fresh node each run, REPEAT alternating pairs (default 5).
+    start_redis
+    config=$(history_config)
+    for rate in $(rates 100 400); do
+        rm -f "$OUT"/history-cpu-*-"$rate"-*.json
+        for i in $(seq 1 "${REPEAT:-5}"); do
+            for kind in plain history; do
+                if [ "$kind" = plain ]; then
+                    NODE_CONFIG="" start_nodes 1 redis
+                    publish=(--publish redis)
+                else
+                    NODE_CONFIG=$config start_nodes 1 redis
+                    publish=(--publish function --history --check offsets-exact)
+                fi
+                tool fanout "${URLS[@]}" --secret $SECRET "${PIDFLAGS[@]}" "${publish[@]}" \
+                    --redis-url redis://127.0.0.1:$REDIS_PORT --subscribers 1000 --channels 1 \
+                    --rate "$rate" --payload 100 --duration 10s --check lossless \
+                    --json "$OUT/history-cpu-$kind-$rate-$i.json"
+                kill "$NODE_PID"
+                wait "$NODE_PID" 2>/dev/null || true
+            done
+        done
+        for kind in plain history; do
+            files=("$OUT"/history-cpu-$kind-$rate-*.json)
+            echo "$kind at $rate/s: CPU per delivery median $(median "${files[@]}" -- results.cpu_us_per_delivery) us," \
+                "p99 median $(median "${files[@]}" -- results.latency_ms.p99) ms"
+        done
+    done
+    ;;
+history-ci)
+    # The CI-sized history run (loadtest/tests/history.rs).
+    cargo test -q -p herald-loadtest --test history
+    ;;
+history)
+    # Every history scenario, one after the other; fails at the end if any failed.
+    failed=()
+    for each in history-kills history-resume history-publish history-cpu; do
+        "$0" "$each" || failed+=("$each")
+    done
+    if [ ${#failed[@]} -gt 0 ]; then
+        echo "failed: ${failed[*]}" >&2
+        exit 1
+    fi
     ;;
 faults)
     # Every fault scenario and drain, one after the other; fails at the end

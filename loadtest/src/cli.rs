@@ -126,6 +126,10 @@ pub enum PublishKind {
     Api,
     /// `PUBLISH` on a multiplexed Redis connection.
     Redis,
+    /// `FCALL herald_publish 1 <channel> <payload>` on a multiplexed Redis
+    /// connection: herald's Redis Function, which appends the message to a
+    /// history channel's stream and publishes it with its offset.
+    Function,
 }
 
 #[derive(Debug, Clone, Args, Serialize)]
@@ -133,7 +137,7 @@ pub struct PublishArgs {
     /// Publisher; defaults to `api` when --api-url is given, else `redis`.
     #[arg(long)]
     pub publish: Option<PublishKind>,
-    /// Redis URL for `--publish redis`.
+    /// Redis URL for `--publish redis` and `--publish function`.
     #[arg(long)]
     #[serde(skip)]
     pub redis_url: Option<String>,
@@ -185,10 +189,35 @@ pub struct FanoutArgs {
     pub publisher: PublishArgs,
     #[command(flatten)]
     #[serde(flatten)]
+    pub history: HistoryArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
     pub faults: FaultArgs,
     #[command(flatten)]
     #[serde(flatten)]
     pub metrics: MetricsArgs,
+}
+
+/// History channels (herald's `[[channels]]` with `history_size`): loss
+/// accounting by offset, and resuming with `since` after a disconnection.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct HistoryArgs {
+    /// The channels have history: account every subscriber's deliveries by
+    /// their `offset` and `epoch` against the offsets the publishes landed
+    /// at (needs `--publish function` or `api`), and resubscribe every
+    /// subscriber that loses its connection with `since` its last offset.
+    #[arg(long)]
+    pub history: bool,
+    /// Fraction of each channel's subscribers that disconnect every
+    /// --reconnect-every and resubscribe with `since` (on the next --url,
+    /// so that with several gateways they recover on another node).
+    #[arg(long, default_value_t = 0.0, requires = "history")]
+    pub reconnect_fraction: f64,
+    /// How often each of those subscribers disconnects; the first time is
+    /// spread over one period.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[serde(serialize_with = "seconds")]
+    pub reconnect_every: Duration,
 }
 
 /// Faults injected while `fanout` or `slow` measures, attackers beside the
@@ -266,6 +295,15 @@ pub enum Check {
     #[value(name = "closed-1001")]
     #[serde(rename = "closed-1001")]
     Closed1001,
+    /// With --history: every subscriber received every offset its channel's
+    /// measured publishes landed at, exactly once and in order, and every
+    /// delivery carried an offset.
+    OffsetsExact,
+    /// No subscriber received a `gap` notice.
+    NoGap,
+    /// With --history: at least one subscriber resumed with `since`, and
+    /// every resume was answered `recovered: true` and replayed what it promised.
+    Recovered,
 }
 
 /// `--metrics-url` and `--expect-metric`.
@@ -562,6 +600,50 @@ mod tests {
         let json = serde_json::to_value(&fanout).unwrap();
         assert_eq!(json["kill_pubsub_every"], 2.0);
         assert_eq!(json["checks"][1], "closed-1001");
+    }
+
+    #[test]
+    fn history_options_parse() {
+        let cli = Cli::try_parse_from([
+            "herald-loadtest",
+            "fanout",
+            "--url",
+            "ws://127.0.0.1:1/ws",
+            "--publish",
+            "function",
+            "--redis-url",
+            "redis://127.0.0.1:2",
+            "--history",
+            "--reconnect-fraction",
+            "0.1",
+            "--reconnect-every",
+            "1.5s",
+            "--check",
+            "offsets-exact",
+            "--check",
+            "no-gap",
+            "--check",
+            "recovered",
+        ])
+        .unwrap();
+        let Command::Fanout(fanout) = cli.command else {
+            panic!("expected fanout");
+        };
+        assert_eq!(fanout.publisher.publish, Some(PublishKind::Function));
+        assert!(fanout.history.history);
+        assert_eq!(fanout.history.reconnect_every, Duration::from_millis(1500));
+        assert_eq!(
+            fanout.faults.checks,
+            [Check::OffsetsExact, Check::NoGap, Check::Recovered]
+        );
+        let json = serde_json::to_value(&fanout).unwrap();
+        assert_eq!(json["reconnect_fraction"], 0.1);
+        assert_eq!(json["checks"][0], "offsets-exact");
+        assert_eq!(json["publisher"]["publish"], "function");
+        // Reconnecting subscribers resume with since: history only.
+        let without =
+            Cli::try_parse_from(["herald-loadtest", "fanout", "--reconnect-fraction", "0.1"]);
+        assert!(without.is_err());
     }
 
     #[test]

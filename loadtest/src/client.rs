@@ -146,6 +146,18 @@ pub struct Session {
     pub ws: Ws,
     /// From TCP connect start to the last subscribe confirmation.
     pub subscribed: Duration,
+    /// The confirming frames, when asked for ([`Connector::open_keeping`]).
+    pub confirmations: Vec<Vec<u8>>,
+    /// Other frames that arrived before the last confirmation, in order,
+    /// when asked for: deliveries that the caller must not lose.
+    pub early: Vec<Vec<u8>>,
+}
+
+/// What a subscribe keeps of the frames it reads.
+#[derive(Default)]
+struct Kept {
+    confirmations: Vec<Vec<u8>>,
+    early: Vec<Vec<u8>>,
 }
 
 /// A completed WebSocket upgrade.
@@ -250,11 +262,54 @@ impl Connector {
         channels: &[String],
         recv_buffer: Option<u32>,
     ) -> Attempt {
+        let frames = subscribe_frames(&self.subscribe_frame, channels);
+        self.open_frames(index, 0, &frames, recv_buffer, None).await
+    }
+
+    /// The subscribe requests for `channels`, from `--subscribe-frame`.
+    pub fn requests(&self, channels: &[String]) -> Vec<String> {
+        subscribe_frames(&self.subscribe_frame, channels)
+    }
+
+    /// Connects client `index` to the gateway `shift` places after its own
+    /// (`--url` `index + shift` mod n), sends `frames` and waits for one
+    /// confirmation each. The session keeps the confirming frames and every
+    /// other frame that arrived before the last of them.
+    pub async fn open_keeping(&self, index: u64, shift: u64, frames: &[String]) -> Attempt {
+        let mut kept = Kept::default();
+        let mut attempt = self
+            .open_frames(index, shift, frames, None, Some(&mut kept))
+            .await;
+        if let Ok(session) = &mut attempt.result {
+            session.confirmations = kept.confirmations;
+            session.early = kept.early;
+        }
+        attempt
+    }
+
+    async fn open_frames(
+        &self,
+        index: u64,
+        shift: u64,
+        frames: &[String],
+        recv_buffer: Option<u32>,
+        kept: Option<&mut Kept>,
+    ) -> Attempt {
         let start = Instant::now();
         let deadline = start + self.timeout;
         let mut upgrade = None;
+        let target =
+            &self.targets[(index.wrapping_add(shift) % self.targets.len() as u64) as usize];
         let result = self
-            .try_open(index, channels, recv_buffer, start, deadline, &mut upgrade)
+            .try_open(
+                index,
+                target,
+                frames,
+                recv_buffer,
+                (start, deadline),
+                &mut upgrade,
+                kept,
+            )
             .await;
         Attempt { upgrade, result }
     }
@@ -284,16 +339,17 @@ impl Connector {
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn try_open(
         &self,
         index: u64,
-        channels: &[String],
+        target: &Target,
+        frames: &[String],
         recv_buffer: Option<u32>,
-        start: Instant,
-        deadline: Instant,
+        (start, deadline): (Instant, Instant),
         upgrade: &mut Option<Upgrade>,
+        kept: Option<&mut Kept>,
     ) -> Result<Session, Failure> {
-        let target = &self.targets[index as usize % self.targets.len()];
         let stream = timeout_at(
             deadline,
             self.tcp_connect(index, target.address, recv_buffer),
@@ -313,12 +369,14 @@ impl Connector {
             latency: handshake,
             at_unix_nanos: unix_nanos(),
         });
-        timeout_at(deadline, self.subscribe(&mut ws, channels))
+        timeout_at(deadline, self.subscribe(&mut ws, frames, kept))
             .await
             .map_err(|_| Failure::Timeout(Stage::Subscribe))??;
         Ok(Session {
             ws,
             subscribed: start.elapsed(),
+            confirmations: Vec::new(),
+            early: Vec::new(),
         })
     }
 
@@ -371,13 +429,18 @@ impl Connector {
         Ok(format!("{url}{separator}token={token}"))
     }
 
-    /// Sends the subscribe requests and waits for one confirmation each.
-    async fn subscribe(&self, ws: &mut Ws, channels: &[String]) -> Result<(), Failure> {
-        let frames = subscribe_frames(&self.subscribe_frame, channels);
+    /// Sends the subscribe requests and waits for one confirmation each;
+    /// keeps the frames read when `kept` is given.
+    async fn subscribe(
+        &self,
+        ws: &mut Ws,
+        frames: &[String],
+        mut kept: Option<&mut Kept>,
+    ) -> Result<(), Failure> {
         if frames.is_empty() {
             return Ok(());
         }
-        for frame in &frames {
+        for frame in frames {
             ws.feed(Message::text(frame.as_str()))
                 .await
                 .map_err(Failure::from_ws)?;
@@ -398,6 +461,11 @@ impl Connector {
                     return Err(Failure::SubscribeRefused);
                 }
                 confirmed += 1;
+                if let Some(kept) = kept.as_deref_mut() {
+                    kept.confirmations.push(frame);
+                }
+            } else if let Some(kept) = kept.as_deref_mut() {
+                kept.early.push(frame);
             }
         }
         Ok(())

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::client::{Attempt, ClientSpec, Connector, Failure, unix_nanos};
+use crate::history::ExpectedRange;
 use crate::loss::ChannelOutage;
 use crate::scenario::{churn, connect, drain, fanout, storm};
 use crate::stats::{Micros, Reasons};
@@ -81,12 +82,22 @@ pub struct Published {
     /// Per channel, the messages that never certainly reached the gateway;
     /// empty unless a fault check needs it.
     pub outage: Vec<ChannelOutage>,
+    /// Per channel, with --history, the offsets the measured publishes
+    /// landed at: what every subscriber must receive.
+    pub history: Vec<Vec<ExpectedRange>>,
 }
 
 impl Published {
     /// Channel `channel`'s outage, when it was sent.
     pub fn outage_for(&self, channel: u64) -> Option<&ChannelOutage> {
         self.outage.get(channel as usize)
+    }
+
+    /// Channel `channel`'s expected offsets; none without --history.
+    pub fn history_for(&self, channel: u64) -> &[ExpectedRange] {
+        self.history
+            .get(channel as usize)
+            .map_or(&[], Vec::as_slice)
     }
 }
 

@@ -12,6 +12,7 @@
 //! - [`publisher`]: the open-loop publisher over HTTP or Redis, and each message's fate.
 //! - [`fault`]: faults injected while measuring (`CLIENT KILL`, commands, SIGTERM).
 //! - [`loss`]: a subscriber's losses judged against the outage; `gap` notices.
+//! - [`history`]: loss accounting by offset on history channels; resuming with `since`.
 //! - [`slowloris`]: sockets that never finish their request head.
 //! - [`scrape`]: the gateways' `/metrics` and `--expect-metric`.
 //! - [`scan`]: cheap integer-field lookup in received frames.
@@ -25,6 +26,7 @@ mod cli;
 mod client;
 mod fault;
 mod group;
+mod history;
 mod loss;
 mod proc;
 mod publisher;

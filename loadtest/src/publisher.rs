@@ -5,15 +5,19 @@
 //! A dedicated thread keeps the schedule (a thread's sleep is far more
 //! precise than tokio's millisecond timer) and hands messages to sinks:
 //! pipelined keep-alive HTTP/1.1 connections to `POST /api/publish`, or one
-//! multiplexed Redis connection sending `PUBLISH`. If a sink falls behind, the
-//! hand-off blocks, the schedule slips, and because `ts` is the intended time
-//! the delay shows up in the measured latency instead of being hidden.
+//! multiplexed Redis connection sending `PUBLISH` or `FCALL herald_publish`
+//! (herald's Redis Function for history channels). If a sink falls behind,
+//! the hand-off blocks, the schedule slips, and because `ts` is the intended
+//! time the delay shows up in the measured latency instead of being hidden.
 //!
-//! Every message's fate is recorded ([`Fate`]): accepted (with Redis, by how
-//! many subscribers), refused, or uncertain. The fault scenarios compare
+//! Every message's fate is recorded ([`Fate`]): accepted (with `PUBLISH`, by
+//! how many subscribers), refused, or uncertain. The fault scenarios compare
 //! each subscriber's missing messages with the ones that never reached the
-//! gateway. The Redis sink reconnects after its connection is lost, so a
-//! publisher outlives a Redis restart.
+//! gateway. A publish to a history channel also records where it landed
+//! ([`Position`]: the epoch and offset that `herald_publish` or the API
+//! answered), which is what subscribers' offsets are checked against. The
+//! Redis sink reconnects after its connection is lost, so a publisher
+//! outlives a Redis restart.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -31,17 +35,18 @@ use tokio_tungstenite::tungstenite::http::Uri;
 
 use crate::cli::{PublishArgs, PublishKind};
 use crate::client::unix_nanos;
+use crate::scan::FieldScanner;
 use crate::stats::Reasons;
 
 /// Messages waiting for each sink; when full, the schedule waits.
 const SINK_QUEUE: usize = 4096;
 /// Requests written to a socket in one go, at most.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
-/// Unacknowledged `PUBLISH` commands allowed on the Redis connection.
+/// Unacknowledged `PUBLISH` or `FCALL` commands allowed on the Redis connection.
 const REDIS_IN_FLIGHT: usize = 8192;
 /// How long to wait for outstanding acknowledgements after the last message.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one `PUBLISH` may wait for its reply. Longer than a Redis pause
+/// How long one `PUBLISH` or `FCALL` may wait for its reply. Longer than a Redis pause
 /// a fault scenario applies, so that a paused publish is not counted as failed.
 const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a (re)connection to Redis may take.
@@ -81,7 +86,22 @@ pub struct RedisTarget {
     url: String,
     /// Prepended to channel names, like the gateways' `broker.channel_prefix`.
     prefix: String,
+    /// Which command publishes.
+    command: RedisCommand,
 }
+
+/// How the Redis sink publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisCommand {
+    /// `PUBLISH <channel> <payload>`, answered with the number of receivers.
+    Publish,
+    /// `FCALL herald_publish 1 <channel> <payload>`, answered with
+    /// `[epoch, offset]` (`["", 0]` on a channel without history).
+    Function,
+}
+
+/// The name of herald's publishing function (`src/history/function.rs`).
+pub const HERALD_PUBLISH: &str = "herald_publish";
 
 /// What to publish and when.
 #[derive(Debug, Clone)]
@@ -113,6 +133,8 @@ pub struct PublishReport {
     pub unheard: u64,
     /// The worst delay between a message's intended time and its hand-off.
     pub max_lag: Duration,
+    /// When the last answer or failure came, in unix nanoseconds; 0 if none did.
+    pub last_settled_unix_nanos: i64,
 }
 
 /// What became of one message, as far as the publisher can tell.
@@ -149,11 +171,22 @@ impl Fate {
 }
 
 /// One message's fate and when it was settled.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Record {
     pub fate: Fate,
     /// When the answer or the failure came, in unix nanoseconds; 0 while unanswered.
     pub settled_at_unix_nanos: i64,
+    /// Where an accepted publish to a history channel landed.
+    pub position: Option<Position>,
+}
+
+/// Where a publish to a history channel landed: the channel's epoch and the
+/// message's offset in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// Shared by every record of one epoch.
+    pub epoch: Arc<str>,
+    pub offset: u64,
 }
 
 /// A message's place: its channel index and sequence number.
@@ -171,15 +204,35 @@ struct SinkReport {
     errors: Reasons,
     /// Fates of the messages this sink settled.
     settled: Vec<(Slot, Record)>,
+    /// The epoch of the last position settled, so that records share it.
+    last_epoch: Option<Arc<str>>,
 }
 
 impl SinkReport {
     fn settle(&mut self, slot: Slot, fate: Fate) {
+        self.settle_at(slot, fate, None);
+    }
+
+    /// Settles a message with where it landed (`epoch`, `offset`), if it
+    /// went to a history channel.
+    fn settle_at(&mut self, slot: Slot, fate: Fate, landed: Option<(&str, u64)>) {
+        let position = landed.map(|(epoch, offset)| {
+            let epoch = match &self.last_epoch {
+                Some(last) if **last == *epoch => last.clone(),
+                _ => {
+                    let epoch: Arc<str> = epoch.into();
+                    self.last_epoch = Some(epoch.clone());
+                    epoch
+                }
+            };
+            Position { epoch, offset }
+        });
         self.settled.push((
             slot,
             Record {
                 fate,
                 settled_at_unix_nanos: unix_nanos(),
+                position,
             },
         ));
     }
@@ -242,12 +295,17 @@ impl Publisher {
                     connections: args.api_connections.max(1),
                 }))
             }
-            PublishKind::Redis => Ok(Publisher::Redis(RedisTarget {
+            PublishKind::Redis | PublishKind::Function => Ok(Publisher::Redis(RedisTarget {
                 url: args
                     .redis_url
                     .clone()
-                    .context("--publish redis needs --redis-url")?,
+                    .context("--publish redis and --publish function need --redis-url")?,
                 prefix: args.channel_prefix.clone(),
+                command: if kind == PublishKind::Function {
+                    RedisCommand::Function
+                } else {
+                    RedisCommand::Publish
+                },
             })),
         }
     }
@@ -292,7 +350,13 @@ impl Publisher {
                     .map(|channel| format!("{}{channel}", target.prefix))
                     .collect();
                 let (queue, receiver) = mpsc::channel(SINK_QUEUE);
-                let done = tokio::spawn(redis_connection(client, connection, names, receiver));
+                let done = tokio::spawn(redis_connection(
+                    client,
+                    connection,
+                    target.command,
+                    names,
+                    receiver,
+                ));
                 vec![Sink { queue, done }]
             }
         };
@@ -333,6 +397,9 @@ impl Connected {
             if let Fate::Accepted { receivers: Some(0) } = record.fate {
                 report.unheard += 1;
             }
+            report.last_settled_unix_nanos = report
+                .last_settled_unix_nanos
+                .max(record.settled_at_unix_nanos);
             if let Some(slot) = report
                 .records
                 .get_mut(channel)
@@ -516,15 +583,16 @@ async fn read_responses(
     loop {
         loop {
             match parse_response(&buffer) {
-                Ok(Some((status, used))) => {
-                    buffer.drain(..used);
+                Ok(Some(response)) => {
                     received += 1;
-                    let fate = if (200..300).contains(&status) {
+                    let mut landed = None;
+                    let fate = if (200..300).contains(&response.status) {
                         report.acknowledged += 1;
+                        landed = landed_in(&buffer[response.body.clone()]);
                         Fate::Accepted { receivers: None }
                     } else {
-                        report.errors.add(format!("http {status}"));
-                        if status >= 500 {
+                        report.errors.add(format!("http {}", response.status));
+                        if response.status >= 500 {
                             Fate::Uncertain
                         } else {
                             Fate::Refused
@@ -535,8 +603,12 @@ async fn read_responses(
                         .unwrap_or_else(PoisonError::into_inner)
                         .pop_front();
                     if let Some(slot) = slot {
-                        report.settle(slot, fate);
+                        let landed = landed
+                            .as_ref()
+                            .map(|(epoch, offset)| (epoch.as_str(), *offset));
+                        report.settle_at(slot, fate, landed);
                     }
+                    buffer.drain(..response.used);
                 }
                 Ok(None) => break,
                 Err(problem) => {
@@ -599,9 +671,30 @@ async fn sleep_until_option(deadline: Option<Instant>) {
     }
 }
 
+/// One HTTP/1.1 response at the start of a buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    /// Bytes of the buffer the response takes, head and body.
+    pub used: usize,
+    /// Where its body lies in the buffer.
+    pub body: std::ops::Range<usize>,
+}
+
+/// The position in a publish API answer on a history channel,
+/// `{"ok":true,"offset":N,"epoch":"..."}`; `None` for a plain channel's `{"ok":true}`.
+fn landed_in(body: &[u8]) -> Option<(String, u64)> {
+    let offset = FieldScanner::new("offset").find(body)?;
+    let epoch = FieldScanner::new("epoch").find_string(body)?;
+    Some((
+        String::from_utf8_lossy(epoch).into_owned(),
+        u64::try_from(offset).ok()?,
+    ))
+}
+
 /// Parses one HTTP/1.1 response with a `Content-Length` body at the start of
-/// `buffer`: `(status, bytes used)`, or `None` if it is not complete yet.
-pub fn parse_response(buffer: &[u8]) -> Result<Option<(u16, usize)>, &'static str> {
+/// `buffer`, or `None` if it is not complete yet.
+pub fn parse_response(buffer: &[u8]) -> Result<Option<Response>, &'static str> {
     let Some(head_end) = buffer.windows(4).position(|window| window == b"\r\n\r\n") else {
         return Ok(None);
     };
@@ -626,21 +719,30 @@ pub fn parse_response(buffer: &[u8]) -> Result<Option<(u16, usize)>, &'static st
         }
     }
     let total = head_end + 4 + length;
-    Ok((buffer.len() >= total).then_some((status, total)))
+    Ok((buffer.len() >= total).then_some(Response {
+        status,
+        used: total,
+        body: head_end + 4..total,
+    }))
 }
 
 async fn redis_connect(
     client: &redis::Client,
 ) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    // Room for every command in flight in the connection's queue: a send
+    // then never waits, so commands are queued in the order they were
+    // pushed. With the default of 50, sends that waited for room overtook
+    // one another and Redis ran them out of order under saturation.
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
-        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT));
+        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
+        .set_pipeline_buffer_size(REDIS_IN_FLIGHT);
     client
         .get_multiplexed_async_connection_with_config(&config)
         .await
 }
 
-/// Sends `PUBLISH` for every message on one multiplexed connection, keeping
+/// Sends `PUBLISH` or `FCALL` for every message on one multiplexed connection, keeping
 /// up to [`REDIS_IN_FLIGHT`] unacknowledged. Commands are first polled in the
 /// order they were pushed, so they reach Redis in order.
 ///
@@ -652,6 +754,7 @@ async fn redis_connect(
 async fn redis_connection(
     client: redis::Client,
     first: redis::aio::MultiplexedConnection,
+    kind: RedisCommand,
     channels: Vec<String>,
     mut queue: mpsc::Receiver<Outgoing>,
 ) -> SinkReport {
@@ -684,12 +787,19 @@ async fn redis_connection(
                         continue;
                     };
                     let mut connection = connection;
-                    let command = redis::cmd("PUBLISH")
-                        .arg(&channels[message.channel])
-                        .arg(message.payload)
-                        .to_owned();
+                    let command = redis_command(kind, &channels[message.channel], message.payload);
                     in_flight.push(async move {
-                        (slot, command.query_async::<u64>(&mut connection).await)
+                        let answer = match kind {
+                            RedisCommand::Publish => command
+                                .query_async::<u64>(&mut connection)
+                                .await
+                                .map(Answer::Receivers),
+                            RedisCommand::Function => command
+                                .query_async::<(String, u64)>(&mut connection)
+                                .await
+                                .map(|(epoch, offset)| Answer::Landed(epoch, offset)),
+                        };
+                        (slot, answer)
                     });
                 }
                 None => open = false,
@@ -704,9 +814,30 @@ fn broken(error: &redis::RedisError) -> bool {
     error.is_io_error() || error.is_unrecoverable_error() || error.is_connection_dropped()
 }
 
-fn tally_redis(report: &mut SinkReport, slot: Slot, result: redis::RedisResult<u64>) {
+/// The command that publishes `payload` on `channel` (its Redis name).
+fn redis_command(kind: RedisCommand, channel: &str, payload: Vec<u8>) -> redis::Cmd {
+    match kind {
+        RedisCommand::Publish => redis::cmd("PUBLISH").arg(channel).arg(payload).to_owned(),
+        RedisCommand::Function => redis::cmd("FCALL")
+            .arg(HERALD_PUBLISH)
+            .arg(1)
+            .arg(channel)
+            .arg(payload)
+            .to_owned(),
+    }
+}
+
+/// Redis's answer to one publish.
+enum Answer {
+    /// `PUBLISH`: how many subscribers (gateway nodes) received it.
+    Receivers(u64),
+    /// `herald_publish`: the epoch and offset; `""` and 0 without history.
+    Landed(String, u64),
+}
+
+fn tally_redis(report: &mut SinkReport, slot: Slot, result: redis::RedisResult<Answer>) {
     match result {
-        Ok(receivers) => {
+        Ok(Answer::Receivers(receivers)) => {
             report.acknowledged += 1;
             report.settle(
                 slot,
@@ -714,6 +845,13 @@ fn tally_redis(report: &mut SinkReport, slot: Slot, result: redis::RedisResult<u
                     receivers: Some(receivers),
                 },
             );
+        }
+        Ok(Answer::Landed(epoch, offset)) => {
+            report.acknowledged += 1;
+            // Nobody tells how many nodes heard it; on a history channel a
+            // node that missed it fetches it from the stream.
+            let landed = (offset > 0).then_some((epoch.as_str(), offset));
+            report.settle_at(slot, Fate::Accepted { receivers: None }, landed);
         }
         Err(error) => {
             report.errors.add(format!("redis {:?}", error.kind()));
@@ -740,16 +878,66 @@ mod tests {
     #[test]
     fn responses_are_parsed_one_at_a_time() {
         let two = b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{\"ok\":true}HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
-        let (status, used) = parse_response(two).unwrap().unwrap();
-        assert_eq!(status, 200);
-        let (status, rest) = parse_response(&two[used..]).unwrap().unwrap();
-        assert_eq!((status, used + rest), (503, two.len()));
+        let first = parse_response(two).unwrap().unwrap();
+        assert_eq!(first.status, 200);
+        assert_eq!(&two[first.body.clone()], br#"{"ok":true}"#);
+        let second = parse_response(&two[first.used..]).unwrap().unwrap();
+        assert_eq!((second.status, first.used + second.used), (503, two.len()));
+        assert!(second.body.is_empty());
         assert_eq!(parse_response(&two[..20]).unwrap(), None);
         assert_eq!(
             parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{\"ok\"").unwrap(),
             None
         );
         assert!(parse_response(b"nonsense\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn api_answers_on_history_channels_carry_a_position() {
+        assert_eq!(
+            landed_in(br#"{"ok":true,"offset":42,"epoch":"Kx3d"}"#),
+            Some(("Kx3d".to_owned(), 42))
+        );
+        assert_eq!(landed_in(br#"{"ok":true}"#), None);
+        assert_eq!(landed_in(br#"{"ok":true,"offset":42}"#), None);
+    }
+
+    #[test]
+    fn redis_commands_follow_the_mode() {
+        let packed = |kind| {
+            String::from_utf8(
+                redis_command(kind, "lt:fanout.0", b"{}".to_vec()).get_packed_command(),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            packed(RedisCommand::Publish),
+            "*3\r\n$7\r\nPUBLISH\r\n$11\r\nlt:fanout.0\r\n$2\r\n{}\r\n"
+        );
+        assert_eq!(
+            packed(RedisCommand::Function),
+            "*5\r\n$5\r\nFCALL\r\n$14\r\nherald_publish\r\n$1\r\n1\r\n$11\r\nlt:fanout.0\r\n$2\r\n{}\r\n"
+        );
+    }
+
+    #[test]
+    fn positions_of_one_epoch_share_their_text() {
+        let mut report = SinkReport::default();
+        report.settle_at((0, 0), Fate::Accepted { receivers: None }, Some(("E1", 1)));
+        report.settle_at((0, 1), Fate::Accepted { receivers: None }, Some(("E1", 2)));
+        report.settle_at((0, 2), Fate::Accepted { receivers: None }, Some(("E2", 1)));
+        report.settle((0, 3), Fate::Refused);
+        let positions: Vec<Option<Position>> = report
+            .settled
+            .iter()
+            .map(|(_, record)| record.position.clone())
+            .collect();
+        let first = positions[0].clone().unwrap();
+        let second = positions[1].clone().unwrap();
+        assert!(Arc::ptr_eq(&first.epoch, &second.epoch));
+        assert_eq!((&*second.epoch, second.offset), ("E1", 2));
+        assert_eq!(positions[2].as_ref().map(|p| &*p.epoch), Some("E2"));
+        assert_eq!(positions[3], None);
     }
 
     #[test]

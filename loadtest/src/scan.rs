@@ -1,4 +1,5 @@
-//! Finds integer fields in received frames without parsing them as JSON.
+//! Finds integer and plain string fields in received frames without parsing
+//! them as JSON.
 //!
 //! Every delivery passes through here, so the scan must stay cheap: it looks
 //! for the bytes `"NAME"`, then optional whitespace, a colon, optional
@@ -43,6 +44,42 @@ impl FieldScanner {
         }
         None
     }
+
+    /// The bytes of the first occurrence of the field that holds a string
+    /// without escapes (such as herald's `"epoch":"Kx3d"`), quotes excluded.
+    /// Occurrences holding anything else are skipped, as in [`FieldScanner::find`].
+    pub fn find_string<'a>(&self, frame: &'a [u8]) -> Option<&'a [u8]> {
+        let first = self.quoted_name[0];
+        let mut start = 0;
+        while let Some(offset) = frame[start..].iter().position(|&byte| byte == first) {
+            let at = start + offset;
+            if frame[at..].starts_with(&self.quoted_name) {
+                let value_at = at + self.quoted_name.len();
+                if let Some(value) = string_after_name(&frame[value_at..]) {
+                    return Some(value);
+                }
+            }
+            start = at + 1;
+        }
+        None
+    }
+}
+
+/// Parses `: "<text without escapes>"` at the start of `rest`.
+fn string_after_name(rest: &[u8]) -> Option<&[u8]> {
+    let mut position = skip_whitespace(rest, 0);
+    if rest.get(position) != Some(&b':') {
+        return None;
+    }
+    position = skip_whitespace(rest, position + 1);
+    if rest.get(position) != Some(&b'"') {
+        return None;
+    }
+    let text = &rest[position + 1..];
+    let end = text
+        .iter()
+        .position(|&byte| byte == b'"' || byte == b'\\')?;
+    (text[end] == b'"').then_some(&text[..end])
 }
 
 /// Whether `needle` occurs in `haystack`; an empty needle never does.
@@ -156,6 +193,29 @@ mod tests {
         check("seq", r#"{"seqx":1}"#, None);
         check("seq", r#"{"xseq":1,"seq":2}"#, Some(2));
         check("ts", r#"{"tsx":1,"ats":2,"ts":3}"#, Some(3));
+    }
+
+    #[test]
+    fn finds_plain_string_fields() {
+        let epoch = |frame: &str| {
+            FieldScanner::new("epoch")
+                .find_string(frame.as_bytes())
+                .map(|bytes| String::from_utf8(bytes.to_vec()).unwrap())
+        };
+        assert_eq!(
+            epoch(r#"{"type":"message","data":{"seq":1},"offset":42,"epoch":"Kx3d"}"#).as_deref(),
+            Some("Kx3d")
+        );
+        assert_eq!(epoch(r#"{"epoch" : "a","x":1}"#).as_deref(), Some("a"));
+        assert_eq!(epoch(r#"{"epoch":""}"#).as_deref(), Some(""));
+        // Not a string, an escape, an unterminated string, a name as a value.
+        assert_eq!(epoch(r#"{"epoch":1}"#), None);
+        assert_eq!(epoch(r#"{"epoch":"a\"b"}"#), None);
+        assert_eq!(epoch(r#"{"epoch":"abc"#), None);
+        assert_eq!(
+            epoch(r#"{"name":"epoch","epoch":"E"}"#).as_deref(),
+            Some("E")
+        );
     }
 
     #[test]

@@ -9,8 +9,14 @@
 //! slowloris sockets) beside the subscribers, count `gap` notices, judge
 //! every subscriber's losses against what never reached the gateway (see
 //! [`crate::loss`]), and assert what `--check` and `--expect-metric` ask.
+//!
+//! With `--history`, the channels are herald history channels: each
+//! subscriber also accounts its deliveries by offset and epoch (see
+//! [`crate::history`]), and one that loses its connection, or is made to
+//! drop it (`--reconnect-fraction`), resubscribes with `since` its last
+//! offset and must receive exactly what it missed.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -23,11 +29,14 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::{Check, FanoutArgs, GlobalArgs};
-use crate::client::{ClientSpec, Connector, Failure, Ws, close, unix_nanos};
+use crate::client::{Attempt, ClientSpec, Connector, Failure, Session, Ws, close, unix_nanos};
 use crate::fault::{FaultLog, FaultPlan};
 use crate::group::{
     Command, Control, Counters, EstablishStats, Outcome, Plan as GroupPlan, Published, Report,
     Slice, instant_at, ramp_slot,
+};
+use crate::history::{
+    self, HistoryStats, OffsetArrival, OffsetTracker, expected_ranges, reply_position, resume_frame,
 };
 use crate::loss::{ChannelOutage, SubscriberLoss, analyse};
 use crate::proc::{Gateway, Usage};
@@ -57,6 +66,10 @@ const SLOW_READ_LIMIT: Duration = Duration::from_secs(10);
 /// Latency histograms per group, each behind its own lock, to keep
 /// contention between runtime threads low.
 const LATENCY_SHARDS: usize = 16;
+/// The first pause before a failed resubscription is tried again; it
+/// doubles up to [`RESUME_BACKOFF_MAX`].
+const RESUME_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const RESUME_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// What each client group does in `fanout` and `slow`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,6 +96,12 @@ pub struct Plan {
     pub slowloris_interval: Duration,
     /// A frame containing this is a `gap` notice.
     pub gap_match: String,
+    /// The channels have history: account deliveries by offset, resume with `since`.
+    pub history: bool,
+    /// Fraction of each channel's reading subscribers that disconnect every
+    /// `reconnect_every` and resume.
+    pub reconnect_fraction: f64,
+    pub reconnect_every: Duration,
 }
 
 impl Plan {
@@ -112,6 +131,27 @@ impl Plan {
         slow_up_to(rank + 1) > slow_up_to(rank)
     }
 
+    /// Whether subscriber `index` disconnects every `reconnect_every` and
+    /// resumes: chosen by rank among its channel's subscribers, as slow ones
+    /// are but from the other end of each run of ranks (the first of every
+    /// `1 / fraction`, where the slow ones are the last), and never a slow one.
+    pub fn reconnects(&self, index: u64) -> bool {
+        if !self.history || self.is_slow(index) {
+            return false;
+        }
+        let rank = index / self.channels.max(1);
+        let chosen_up_to = |count: u64| (count as f64 * self.reconnect_fraction - 1e-9).ceil();
+        chosen_up_to(rank + 1) > chosen_up_to(rank)
+    }
+
+    /// When subscriber `index` first disconnects, after it subscribed:
+    /// between half a period and one and a half, spread evenly by a hash of
+    /// its index, so that the disconnections of all of them spread over time.
+    pub fn first_reconnect(&self, index: u64) -> Duration {
+        let spread = (index.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+        self.reconnect_every.mul_f64(0.5 + spread)
+    }
+
     /// How many warm-up messages go to `channel`: message `i` goes to
     /// channel `i % channels`, so these are its sequence numbers `0..n`.
     pub fn warmup_on(&self, channel: u64) -> u64 {
@@ -132,6 +172,8 @@ pub struct GroupReport {
     pub slow: SlowStats,
     pub loss: LossStats,
     pub slowloris: SlowlorisStats,
+    /// With --history: the reading subscribers' accounting by offset.
+    pub history: HistoryStats,
 }
 
 /// The healthy subscribers' losses judged against the outage, and their
@@ -296,6 +338,12 @@ pub async fn run(
     if faults.slowloris > 0 && faults.slowloris_interval.is_zero() {
         bail!("--slowloris-interval must be greater than zero");
     }
+    if !(0.0..=1.0).contains(&args.history.reconnect_fraction) {
+        bail!("--reconnect-fraction must be between 0 and 1");
+    }
+    if args.history.reconnect_fraction > 0.0 && args.history.reconnect_every.is_zero() {
+        bail!("--reconnect-every must be greater than zero");
+    }
     let publisher = Publisher::from_args(&args.publisher)?;
     let plan = Plan {
         subscribers: args.subscribers as u64,
@@ -309,6 +357,9 @@ pub async fn run(
         slowloris: faults.slowloris as u64,
         slowloris_interval: faults.slowloris_interval,
         gap_match: args.gap_match.clone(),
+        history: args.history.history,
+        reconnect_fraction: args.history.reconnect_fraction,
+        reconnect_every: args.history.reconnect_every,
     };
     let fault_plan = FaultPlan {
         kill_pubsub_every: faults.kill_pubsub_every,
@@ -352,6 +403,7 @@ pub async fn run(
             start_unix_nanos,
         })
         .await?;
+    let acknowledged_per_sec = acknowledged_rate(&published, start_unix_nanos);
     // A gateway stopped by --sigterm-at can no longer be sampled.
     let window_end = gateway.sample_after(CPU_SETTLE).await.unwrap_or(None);
     let window_start = window_start
@@ -372,6 +424,20 @@ pub async fn run(
         .finish(Command::Finish(Published {
             per_channel: published.sent_per_channel.clone(),
             outage: outage(&published, signal_at),
+            history: if plan.history {
+                published
+                    .records
+                    .iter()
+                    .enumerate()
+                    .map(|(channel, records)| {
+                        expected_ranges(
+                            records.iter().skip(plan.warmup_on(channel as u64) as usize),
+                        )
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
         }))
         .await?;
     let mut total = GroupReport::default();
@@ -383,6 +449,7 @@ pub async fn run(
                 total.slow.merge(&group.slow);
                 total.loss.merge(&group.loss);
                 total.slowloris.merge(&group.slowloris);
+                total.history.merge(&group.history);
             }
             other => bail!("a group answered with the wrong report: {other:?}"),
         }
@@ -399,6 +466,7 @@ pub async fn run(
         &plan,
         args.duration,
         &published,
+        acknowledged_per_sec,
         &total,
         gateway,
         scenario == "slow" || plan.stalled > 0,
@@ -411,6 +479,17 @@ pub async fn run(
     let mut config = options(global, args)?;
     config.push(serde_json::json!({ "slow_fraction": slow_fraction }));
     Ok(Summary::new(scenario, &config, &results, table)?.with_checks(checks))
+}
+
+/// Publishes acknowledged per second, warm-up included, from the first one's
+/// intended time to the last answer: the publisher's throughput, below the
+/// asked rate when it or what it publishes to could not keep up.
+fn acknowledged_rate(published: &PublishReport, start_unix_nanos: i64) -> f64 {
+    let elapsed = published.last_settled_unix_nanos - start_unix_nanos;
+    if elapsed <= 0 {
+        return 0.0;
+    }
+    round3(published.acknowledged as f64 / (elapsed as f64 / 1e9))
 }
 
 /// Per channel, the messages that never certainly reached the gateway, and
@@ -530,6 +609,51 @@ fn fault_checks(args: &FanoutArgs, plan: &Plan, results: &Results) -> Vec<CheckO
                     ),
                 )
             }
+            Check::OffsetsExact => match &results.history {
+                Some(history) => (
+                    history.expected_offsets > 0
+                        && history.missing == 0
+                        && history.duplicates == 0
+                        && history.out_of_order == 0
+                        && history.unsequenced == 0
+                        && history.ignored == 0,
+                    format!(
+                        "{} offsets expected: {} missing, {} duplicated, {} out of order; {} deliveries without an offset, {} ignored",
+                        history.expected_offsets,
+                        history.missing,
+                        history.duplicates,
+                        history.out_of_order,
+                        history.unsequenced,
+                        history.ignored
+                    ),
+                ),
+                None => (false, "needs --history".to_owned()),
+            },
+            Check::NoGap => (
+                loss.gaps == 0,
+                format!(
+                    "{} gaps, at most {} per subscriber",
+                    loss.gaps, loss.max_gaps_per_subscriber
+                ),
+            ),
+            Check::Recovered => match &results.history {
+                Some(history) => (
+                    history.resumes > 0
+                        && history.recovered == history.resumes
+                        && history.resubscribed_plain == 0
+                        && history.recovered_messages == history.promised_messages,
+                    format!(
+                        "{} of {} resumes recovered (not: {}), {} resubscribed without since; {} messages replayed of {} promised",
+                        history.recovered,
+                        history.resumes,
+                        history.not_recovered.describe(),
+                        history.resubscribed_plain,
+                        history.recovered_messages,
+                        history.promised_messages
+                    ),
+                ),
+                None => (false, "needs --history".to_owned()),
+            },
             Check::Closed1001 => {
                 let closed = results.disconnects.count("closed 1001");
                 (
@@ -602,6 +726,9 @@ struct Results {
     publish_errors: Reasons,
     /// The publisher's worst delay behind its schedule.
     publisher_max_lag_ms: f64,
+    /// Publishes acknowledged per second (warm-up included), from the first
+    /// one's intended time to the last answer.
+    acknowledged_per_sec: f64,
     healthy_subscribers: u64,
     expected_deliveries: u64,
     deliveries: u64,
@@ -626,6 +753,66 @@ struct Results {
     slowloris: Option<SlowlorisResults>,
     /// What changed in the gateways' metrics (`--metrics-url`).
     metrics: Option<MetricsReport>,
+    /// With --history: the accounting by offset, and the resumes.
+    history: Option<HistoryResults>,
+}
+
+/// The reading subscribers' deliveries by offset, and their resumes.
+#[derive(Debug, Serialize)]
+struct HistoryResults {
+    /// Offsets the measured publishes landed at, summed over the subscribers.
+    expected_offsets: u64,
+    missing: u64,
+    duplicates: u64,
+    out_of_order: u64,
+    /// Deliveries without an offset and epoch.
+    unsequenced: u64,
+    /// Offsets too far from the rest of their epoch to be tracked.
+    ignored: u64,
+    subscribers_with_loss: u64,
+    max_missing_per_subscriber: u64,
+    subscribers_with_epoch_change: u64,
+    /// Disconnections made by the tool (`--reconnect-fraction`).
+    forced_disconnects: u64,
+    /// Resubscriptions with `since`, confirmed.
+    resumes: u64,
+    recovered: u64,
+    /// `recovered: false` (or no position in the reply), by reason.
+    not_recovered: Reasons,
+    /// Resubscriptions without `since`: no position was known yet.
+    resubscribed_plain: u64,
+    /// Messages replayed after recovered replies, and what those replies promised.
+    recovered_messages: u64,
+    promised_messages: u64,
+    /// Failed reconnection attempts (each retried), by reason.
+    resume_failures: Reasons,
+    /// From a disconnection to the resubscription's reply.
+    resume_ms: LatencySummary,
+}
+
+impl HistoryResults {
+    fn new(stats: &HistoryStats) -> HistoryResults {
+        HistoryResults {
+            expected_offsets: stats.expected,
+            missing: stats.missing,
+            duplicates: stats.duplicates,
+            out_of_order: stats.out_of_order,
+            unsequenced: stats.unsequenced,
+            ignored: stats.ignored,
+            subscribers_with_loss: stats.subscribers_with_loss,
+            max_missing_per_subscriber: stats.max_missing_per_subscriber,
+            subscribers_with_epoch_change: stats.subscribers_with_epoch_change,
+            forced_disconnects: stats.forced_disconnects,
+            resumes: stats.resumes,
+            recovered: stats.recovered,
+            not_recovered: stats.not_recovered.clone(),
+            resubscribed_plain: stats.resubscribed_plain,
+            recovered_messages: stats.recovered_messages,
+            promised_messages: stats.promised_messages,
+            resume_failures: stats.resume_failures.clone(),
+            resume_ms: stats.resume_time.summary(),
+        }
+    }
 }
 
 /// The publishes by fate, measured ones only.
@@ -690,6 +877,7 @@ impl Results {
         plan: &Plan,
         duration: Duration,
         published: &PublishReport,
+        acknowledged_per_sec: f64,
         total: &GroupReport,
         gateway: Option<GatewayResults>,
         slow: bool,
@@ -713,6 +901,7 @@ impl Results {
             publish_acknowledged: published.acknowledged,
             publish_errors: published.errors.clone(),
             publisher_max_lag_ms: round3(published.max_lag.as_secs_f64() * 1000.0),
+            acknowledged_per_sec,
             healthy_subscribers: healthy.subscribers,
             expected_deliveries: healthy.expected,
             deliveries: healthy.deliveries,
@@ -748,6 +937,7 @@ impl Results {
                 lifetime_ms: total.slowloris.lifetime.summary(),
             }),
             metrics,
+            history: plan.history.then(|| HistoryResults::new(&total.history)),
         }
     }
 
@@ -763,7 +953,8 @@ impl Results {
                 format!("{} (+{} warm-up)", self.published, self.warmup_messages),
             )
             .reasons("publish errors", &self.publish_errors)
-            .row("publisher max lag ms", self.publisher_max_lag_ms);
+            .row("publisher max lag ms", self.publisher_max_lag_ms)
+            .row("acknowledged/s", self.acknowledged_per_sec);
         if self.slow.is_some() {
             table.section("healthy subscribers");
         }
@@ -781,6 +972,43 @@ impl Results {
             )
             .row("subscribers with loss", self.subscribers_with_loss)
             .reasons("disconnects", &self.disconnects);
+        if let Some(history) = &self.history {
+            table
+                .section("history (by offset)")
+                .row("expected offsets", history.expected_offsets)
+                .row(
+                    "missing / dup / ooo",
+                    format!(
+                        "{} / {} / {}",
+                        history.missing, history.duplicates, history.out_of_order
+                    ),
+                )
+                .row("subscribers with loss", history.subscribers_with_loss)
+                .row(
+                    "without offset / ignored",
+                    format!("{} / {}", history.unsequenced, history.ignored),
+                )
+                .row(
+                    "epoch changes (subscribers)",
+                    history.subscribers_with_epoch_change,
+                )
+                .row("forced disconnects", history.forced_disconnects)
+                .row(
+                    "resumes (recovered)",
+                    format!("{} ({})", history.resumes, history.recovered),
+                )
+                .reasons("not recovered", &history.not_recovered)
+                .row("resubscribed without since", history.resubscribed_plain)
+                .row(
+                    "replayed / promised",
+                    format!(
+                        "{} / {}",
+                        history.recovered_messages, history.promised_messages
+                    ),
+                )
+                .reasons("resume failures", &history.resume_failures)
+                .latency("resume ms", &history.resume_ms);
+        }
         let fates = &self.publish_fates;
         if fates.unreached > 0 || self.loss.gaps > 0 || self.faults.is_some() {
             let loss = &self.loss;
@@ -912,6 +1140,11 @@ struct Shared {
     /// First arrivals of measured messages, for the drain to know when
     /// everything has arrived.
     fresh: AtomicU64,
+    /// herald's `offset` and `epoch` fields of a delivery on a history channel.
+    offset: FieldScanner,
+    epoch: FieldScanner,
+    /// Set once publishing is over: no more disconnections are made.
+    published: AtomicBool,
 }
 
 impl Shared {
@@ -956,7 +1189,11 @@ enum SubscriberEnd {
         /// For each `gap` notice, the highest sequence number received
         /// before it (warm-up included), or -1.
         gaps: Vec<i64>,
-        disconnect: Option<Failure>,
+        /// Why its connections ended before the run did (with --history it
+        /// resumed after each).
+        disconnects: Vec<Failure>,
+        /// With --history: its offsets and resumes.
+        history: Option<Box<SubscriberHistory>>,
     },
     /// A subscriber that never read.
     Slow(SlowEnd),
@@ -988,6 +1225,9 @@ pub async fn run_group(
         gap_match: plan.gap_match.as_bytes().to_vec(),
         latency: (0..LATENCY_SHARDS).map(|_| Mutex::default()).collect(),
         fresh: AtomicU64::new(0),
+        offset: FieldScanner::new("offset"),
+        epoch: FieldScanner::new("epoch"),
+        published: AtomicBool::new(false),
     });
     let (stop, stopped) = watch::channel(false);
     let mut attackers = JoinSet::new();
@@ -1024,6 +1264,7 @@ pub async fn run_group(
     }
     control.ready().await?;
     let published = control.finish().await?;
+    shared.published.store(true, Ordering::Relaxed);
     let published_on = |channel: u64| {
         published
             .per_channel
@@ -1055,7 +1296,8 @@ pub async fn run_group(
                 channel,
                 tracker,
                 gaps,
-                disconnect,
+                disconnects,
+                history,
             } => {
                 let warmup = plan.warmup_on(channel);
                 let sent = published_on(channel).max(warmup);
@@ -1070,8 +1312,14 @@ pub async fn run_group(
                 healthy.with_loss += u64::from(missing > 0);
                 let loss = analyse(&tracker, warmup, sent, published.outage_for(channel), &gaps);
                 report.loss.add(&loss, gaps.len() as u64);
-                if let Some(failure) = disconnect {
+                for failure in disconnects {
                     report.establish.disconnects.add(failure.reason());
+                }
+                if let Some(subscriber) = history {
+                    let offsets =
+                        history::analyse(&subscriber.offsets, published.history_for(channel));
+                    report.history.add(&offsets, &subscriber.offsets);
+                    report.history.merge(&subscriber.stats);
                 }
             }
             SubscriberEnd::Slow(end) => {
@@ -1115,18 +1363,29 @@ async fn subscriber(
         .plan
         .is_stalled(index)
         .then_some(shared.plan.stalled_rcvbuf);
-    let attempt = shared
-        .connector
-        .open_with(index, &[channel_name(channel)], recv_buffer)
-        .await;
+    let attempt = if shared.plan.history && !shared.plan.is_slow(index) {
+        // Keep the reply, for the channel's position, and whatever came before it.
+        let requests = shared.connector.requests(&[channel_name(channel)]);
+        shared.connector.open_keeping(index, 0, &requests).await
+    } else {
+        shared
+            .connector
+            .open_with(index, &[channel_name(channel)], recv_buffer)
+            .await
+    };
     let _ = outcomes.send(Outcome::of(index, &attempt)).await;
     drop(outcomes);
     let Ok(session) = attempt.result else {
         shared.counters.error();
         return SubscriberEnd::NotConnected;
     };
-    let mut ws = session.ws;
+    if shared.plan.history && !shared.plan.is_slow(index) {
+        return Resumer::new(index, channel, shared)
+            .run(session, stopped)
+            .await;
+    }
     shared.counters.connection_opened();
+    let mut ws = session.ws;
     if shared.plan.is_slow(index) {
         // Never poll the socket until the run is over.
         let _ = stopped.wait_for(|stop| *stop).await;
@@ -1172,7 +1431,286 @@ async fn subscriber(
         channel,
         tracker,
         gaps,
-        disconnect,
+        disconnects: disconnect.into_iter().collect(),
+        history: None,
+    }
+}
+
+/// A history subscriber's own accounting, handed to its group at the end.
+#[derive(Debug, Default)]
+struct SubscriberHistory {
+    offsets: OffsetTracker,
+    /// Its resumes and deliveries without an offset; the loss figures are
+    /// added by the group once it knows the expected offsets.
+    stats: HistoryStats,
+}
+
+/// Why a history subscriber's connection ended.
+enum Ended {
+    /// The run is over.
+    Stop,
+    /// The tool dropped it (`--reconnect-fraction`).
+    Forced,
+    /// The gateway or the network ended it.
+    Lost(Failure),
+}
+
+/// A reading subscriber of a history channel: it tracks offsets, and after
+/// every disconnection resubscribes with `since` its position, on the next
+/// gateway, until the run is over.
+struct Resumer {
+    index: u64,
+    channel: u64,
+    name: String,
+    shared: Arc<Shared>,
+    warmup: u64,
+    shard: usize,
+    tracker: SeqTracker,
+    gaps: Vec<i64>,
+    /// The highest sequence number received (warm-up included), or -1.
+    highest: i64,
+    disconnects: Vec<Failure>,
+    history: SubscriberHistory,
+    /// A position taken from a reply (the channel's top when subscribing
+    /// without `since`, or after a failed recovery), and how many in-order
+    /// arrivals there had been then: later arrivals supersede it.
+    adopted: Option<(String, u64, u64)>,
+    in_order: u64,
+    /// After a recovered resume: the epoch and the reply's offset, up to
+    /// which arrivals are replays.
+    replaying: Option<(String, u64)>,
+    /// Resubscriptions tried, which picks the next gateway.
+    attempts: u64,
+}
+
+impl Resumer {
+    fn new(index: u64, channel: u64, shared: Arc<Shared>) -> Resumer {
+        Resumer {
+            index,
+            channel,
+            name: channel_name(channel),
+            warmup: shared.plan.warmup_on(channel),
+            shard: index as usize % LATENCY_SHARDS,
+            shared,
+            tracker: SeqTracker::default(),
+            gaps: Vec::new(),
+            highest: -1,
+            disconnects: Vec::new(),
+            history: SubscriberHistory::default(),
+            adopted: None,
+            in_order: 0,
+            replaying: None,
+            attempts: 0,
+        }
+    }
+
+    async fn run(mut self, session: Session, mut stopped: watch::Receiver<bool>) -> SubscriberEnd {
+        let plan = self.shared.plan.clone();
+        let forced = plan.reconnects(self.index);
+        let mut next_forced = Instant::now() + plan.first_reconnect(self.index);
+        let mut ws = self.subscribed(session, None);
+        loop {
+            let ended = loop {
+                let may_force =
+                    forced && self.has_position() && !self.shared.published.load(Ordering::Relaxed);
+                tokio::select! {
+                    biased;
+                    _ = stopped.wait_for(|stop| *stop) => break Ended::Stop,
+                    _ = tokio::time::sleep_until(next_forced), if may_force => break Ended::Forced,
+                    frame = ws.next() => match frame {
+                        Some(Ok(Message::Text(text))) => self.on_frame(text.as_bytes()),
+                        Some(Ok(Message::Binary(bytes))) => self.on_frame(&bytes),
+                        Some(Ok(Message::Close(frame))) => break Ended::Lost(Failure::from_close(frame)),
+                        Some(Ok(_)) => {}
+                        Some(Err(error)) => break Ended::Lost(Failure::from_ws(error)),
+                        None => break Ended::Lost(Failure::Eof),
+                    },
+                }
+            };
+            self.shared.counters.connection_closed();
+            let disconnected_at = Instant::now();
+            match ended {
+                Ended::Stop => {
+                    close(ws).await;
+                    break;
+                }
+                Ended::Forced => {
+                    close(ws).await;
+                    self.history.stats.forced_disconnects += 1;
+                    next_forced = Instant::now() + plan.reconnect_every;
+                }
+                Ended::Lost(failure) => {
+                    self.shared.counters.error();
+                    self.disconnects.push(failure);
+                }
+            }
+            // A replay cut short is promised again by the next resume.
+            if let (Some((epoch, top)), Some((at_epoch, at))) = (&self.replaying, self.since()) {
+                if *epoch == at_epoch && *top > at {
+                    let stats = &mut self.history.stats;
+                    stats.promised_messages = stats.promised_messages.saturating_sub(top - at);
+                }
+            }
+            self.replaying = None;
+            match self.resume(&mut stopped, disconnected_at).await {
+                Some(resumed) => ws = resumed,
+                None => break,
+            }
+        }
+        SubscriberEnd::Healthy {
+            channel: self.channel,
+            tracker: self.tracker,
+            gaps: self.gaps,
+            disconnects: self.disconnects,
+            history: Some(Box::new(self.history)),
+        }
+    }
+
+    /// Whether there is a position to resume from (without building it).
+    fn has_position(&self) -> bool {
+        self.adopted.is_some() || self.history.offsets.position().is_some()
+    }
+
+    /// Where to resume from: the latest of the last offset received in
+    /// order and the position a reply gave.
+    fn since(&self) -> Option<(String, u64)> {
+        match &self.adopted {
+            Some((epoch, offset, arrivals)) if *arrivals == self.in_order => {
+                Some((epoch.clone(), *offset))
+            }
+            _ => self
+                .history
+                .offsets
+                .position()
+                .map(|(epoch, offset)| (epoch.to_owned(), offset)),
+        }
+    }
+
+    /// Takes over a confirmed session: reads its reply (`since` is what was
+    /// asked for), then the frames that came before the reply.
+    fn subscribed(&mut self, session: Session, since: Option<&(String, u64)>) -> Ws {
+        self.shared.counters.connection_opened();
+        let position = session
+            .confirmations
+            .last()
+            .and_then(|reply| reply_position(reply, &self.name));
+        let stats = &mut self.history.stats;
+        match (since, position) {
+            (Some((_, from)), Some(position)) if position.recovered == Some(true) => {
+                stats.recovered += 1;
+                if position.offset > *from {
+                    stats.promised_messages += position.offset - from;
+                    self.replaying = Some((position.epoch, position.offset));
+                }
+            }
+            (Some(_), Some(position)) => {
+                stats
+                    .not_recovered
+                    .add(position.reason.as_deref().unwrap_or("recovered missing"));
+                // The client refetches its state and continues from here.
+                self.adopt(position.epoch, position.offset);
+            }
+            (Some(_), None) => stats.not_recovered.add("no position in the reply"),
+            (None, Some(position)) => self.adopt(position.epoch, position.offset),
+            (None, None) => {}
+        }
+        for frame in &session.early {
+            self.on_frame(frame);
+        }
+        session.ws
+    }
+
+    fn adopt(&mut self, epoch: String, offset: u64) {
+        if !epoch.is_empty() {
+            self.adopted = Some((epoch, offset, self.in_order));
+        }
+    }
+
+    /// Resubscribes, retrying with backoff, until it works or the run is
+    /// over (`None`).
+    async fn resume(
+        &mut self,
+        stopped: &mut watch::Receiver<bool>,
+        disconnected_at: Instant,
+    ) -> Option<Ws> {
+        let mut backoff = RESUME_BACKOFF_MIN;
+        loop {
+            if *stopped.borrow() {
+                return None;
+            }
+            self.attempts += 1;
+            let since = self.since();
+            let requests = match &since {
+                Some((epoch, offset)) => vec![resume_frame(&self.name, epoch, *offset)],
+                None => self
+                    .shared
+                    .connector
+                    .requests(std::slice::from_ref(&self.name)),
+            };
+            let connector = self.shared.connector.clone();
+            let attempt: Attempt = tokio::select! {
+                _ = stopped.wait_for(|stop| *stop) => return None,
+                attempt = connector.open_keeping(self.index, self.attempts, &requests) => attempt,
+            };
+            match attempt.result {
+                Ok(session) => {
+                    let stats = &mut self.history.stats;
+                    if since.is_some() {
+                        stats.resumes += 1;
+                    } else {
+                        stats.resubscribed_plain += 1;
+                    }
+                    stats.resume_time.record(disconnected_at.elapsed());
+                    return Some(self.subscribed(session, since.as_ref()));
+                }
+                Err(failure) => {
+                    self.history.stats.resume_failures.add(failure.reason());
+                    tokio::select! {
+                        _ = stopped.wait_for(|stop| *stop) => return None,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(RESUME_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// One received frame: a delivery (by sequence number, and by offset),
+    /// a `gap`, or anything else.
+    fn on_frame(&mut self, frame: &[u8]) {
+        let shared = &self.shared;
+        let Some(seq) = shared.on_frame(frame, self.warmup, &mut self.tracker, self.shard) else {
+            if contains(frame, &shared.gap_match) {
+                self.gaps.push(self.highest);
+            }
+            return;
+        };
+        self.highest = self.highest.max(seq as i64);
+        let offset = shared
+            .offset
+            .find(frame)
+            .and_then(|offset| u64::try_from(offset).ok());
+        let epoch = shared
+            .epoch
+            .find_string(frame)
+            .and_then(|epoch| std::str::from_utf8(epoch).ok());
+        let (Some(offset), Some(epoch)) = (offset, epoch) else {
+            self.history.stats.unsequenced += 1;
+            return;
+        };
+        if self.history.offsets.observe(epoch, offset) == OffsetArrival::InOrder {
+            self.in_order += 1;
+        }
+        if let Some((replay_epoch, top)) = &self.replaying {
+            if replay_epoch == epoch {
+                if offset <= *top {
+                    self.history.stats.recovered_messages += 1;
+                }
+                if offset >= *top {
+                    self.replaying = None;
+                }
+            }
+        }
     }
 }
 
@@ -1213,6 +1751,9 @@ mod tests {
             slowloris: 0,
             slowloris_interval: Duration::from_secs(1),
             gap_match: r#""type":"gap""#.to_owned(),
+            history: false,
+            reconnect_fraction: 0.0,
+            reconnect_every: Duration::from_secs(2),
         }
     }
 
@@ -1237,6 +1778,45 @@ mod tests {
         assert_eq!(stalled.connections(), 110);
         assert!((0..100).all(|i| !stalled.is_slow(i)));
         assert!((100..110).all(|i| stalled.is_slow(i) && stalled.is_stalled(i)));
+    }
+
+    #[test]
+    fn reconnecting_subscribers_are_spread_over_channels_and_time() {
+        let plan = Plan {
+            history: true,
+            reconnect_fraction: 0.2,
+            ..plan(10, 0.1, 0)
+        };
+        let chosen: Vec<u64> = (0..100).filter(|&i| plan.reconnects(i)).collect();
+        // A fifth of each channel's subscribers, none of them slow.
+        assert!(chosen.iter().all(|&i| !plan.is_slow(i)), "{chosen:?}");
+        for channel in 0..10 {
+            assert_eq!(
+                chosen
+                    .iter()
+                    .filter(|&&i| plan.channel_of(i) == channel)
+                    .count(),
+                2,
+                "{chosen:?}"
+            );
+        }
+        let firsts: Vec<Duration> = chosen.iter().map(|&i| plan.first_reconnect(i)).collect();
+        assert!(
+            firsts
+                .iter()
+                .all(|first| *first >= Duration::from_secs(1) && *first < Duration::from_secs(3))
+        );
+        let early = firsts
+            .iter()
+            .filter(|first| **first < Duration::from_secs(2))
+            .count();
+        assert!((5..=15).contains(&early), "{firsts:?}");
+        // Without history, nobody reconnects.
+        let plain = Plan {
+            history: false,
+            ..plan.clone()
+        };
+        assert!((0..100).all(|i| !plain.reconnects(i)));
     }
 
     #[test]

@@ -88,6 +88,23 @@ fn summary_path(name: &str) -> PathBuf {
 /// Runs the tool with `args` plus `--json FILE`, checks it succeeded (every
 /// `--check` passed), and returns the summary.
 pub async fn run_tool(name: &str, args: &[String]) -> Value {
+    let (success, summary, _, report) = run(name, args).await;
+    assert!(success, "{name} failed: {report}");
+    summary
+}
+
+/// Runs the tool like [`run_tool`], checks that it failed (a check failed,
+/// but the run itself went through and wrote its summary), and returns the
+/// summary and what it printed.
+pub async fn run_tool_failing(name: &str, args: &[String]) -> (Value, String) {
+    let (success, summary, stdout, report) = run(name, args).await;
+    assert!(!success, "{name} passed though it should not: {report}");
+    (summary, stdout)
+}
+
+/// Runs the tool; returns whether it exited 0, its summary, its stdout, and
+/// all of its output for messages.
+async fn run(name: &str, args: &[String]) -> (bool, Value, String, String) {
     let path = summary_path(name);
     let output: Output = tokio::time::timeout(
         RUN_LIMIT,
@@ -103,13 +120,13 @@ pub async fn run_tool(name: &str, args: &[String]) -> Value {
     .expect("the tool starts");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "{name} failed with {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+    let report = format!(
+        "exit {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
         output.status
     );
-    assert!(stdout.contains("== herald-loadtest"), "no table:\n{stdout}");
-    let text = std::fs::read_to_string(&path).expect("the summary file was written");
+    assert!(stdout.contains("== herald-loadtest"), "no table: {report}");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|error| panic!("the summary file was not written ({error}): {report}"));
     let _ = std::fs::remove_file(&path);
     let summary: Value = serde_json::from_str(&text).expect("the summary is JSON");
     assert!(summary["config"].is_object(), "{summary:#}");
@@ -117,7 +134,12 @@ pub async fn run_tool(name: &str, args: &[String]) -> Value {
         !text.contains(SECRET) && !text.contains(API_KEY),
         "secrets leaked into the summary"
     );
-    summary
+    (
+        output.status.success(),
+        summary,
+        stdout.into_owned(),
+        report,
+    )
 }
 
 pub fn strings(args: &[&str]) -> Vec<String> {
