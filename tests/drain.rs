@@ -151,10 +151,11 @@ async fn closes_are_paced_over_the_period_and_lose_nothing() {
         "{busiest} closes in one window, mean {mean}: {counts:?}"
     );
     // Messages published during the drain reached the clients not yet closed:
-    // the last one closed got about 4 s (some 150 messages) more than there
-    // were when the drain began.
+    // the last one closed got the messages of about 4 s more than there were
+    // when the drain began (some 150 on a quiet machine, 70 to 90 with every
+    // core busy; without the paced drain, none).
     assert!(
-        received_by_the_last > at_drain + 100,
+        received_by_the_last > at_drain + 20,
         "{received_by_the_last} received, {at_drain} published before the drain"
     );
 }
