@@ -154,7 +154,10 @@ test("a slow-consumer close (4002) makes the client reconnect", async (t) => {
     (await eventLog(page)).some((line) => /Disconnected: 4002 slow_consumer, reconnecting/.test(line)),
     "the page saw the 4002 close",
   );
-  assert.equal(page.sockets.length, 2);
+  // At least the closed socket and its replacement; a burst still queued
+  // when the page wakes may close the replacement too, and the client then
+  // reconnects again, which is also the behaviour under test.
+  assert.ok(page.sockets.length >= 2, `${page.sockets.length} sockets`);
   await node.publish("notify.demo", { text: "caught up" });
   await waitForNotification(page, "caught up");
   assert.deepEqual(page.errors, []);
