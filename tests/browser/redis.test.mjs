@@ -25,6 +25,17 @@ test("two tabs on two nodes over Redis both receive", async (t) => {
   assert.match(await nodeOf(first), new RegExp(`to node browser-${one.port}$`));
   assert.match(await nodeOf(second), new RegExp(`to node browser-${two.port}$`));
 
+  // The pages say "connected" before their subscribe replies arrive: wait
+  // until both nodes hold notify.demo (and Redis confirmed it), or a publish
+  // could come first and be missed, as at-most-once delivery allows.
+  const deadline = Date.now() + 10_000;
+  for (const node of [one, two]) {
+    while ((await node.metric("herald_subscriptions")) < 4) {
+      assert.ok(Date.now() < deadline, "the pages never subscribed");
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  }
+
   // Through the first node's API: Redis carries it to the second.
   await one.publish("notify.demo", { text: "via node one" });
   await waitForNotification(first, "via node one");
