@@ -467,16 +467,42 @@ for command in ("PUBLISH", "FCALL"):
     print(f"{command}: median {statistics.median(rates):,.0f}/s {sorted(rates)}, Redis CPU median {statistics.median(cpu)} us/command")
 PY
     echo "stream length: $(redis-cli -p "$REDIS_PORT" xlen '{fanout.0}:s')"
+    # Where herald_publish's time goes: the Redis commands it runs, alone,
+    # and inside a function of our own. Once each, 300,000 commands.
+    redis-cli -p "$REDIS_PORT" function load REPLACE "#!lua name=benchparts
+redis.register_function('noop', function(keys, args) return 1 end)
+redis.register_function('publish_only', function(keys, args) redis.call('PUBLISH', keys[1], args[1]) return 1 end)
+redis.register_function('xadd_only', function(keys, args) redis.call('XADD', keys[1], 'MAXLEN', 10000, '*', 'd', args[1]) return 1 end)" >/dev/null
+    part() {
+        local before after rate
+        before=$(awk '{print $14 + $15}' "/proc/$REDIS_PID/stat")
+        rate=$(taskset -c "$GATEWAY_CORE" redis-benchmark -p "$REDIS_PORT" -c 4 -P 32 -n 300000 --csv "$@" |
+            awk -F, 'NR == 2 {gsub(/"/, "", $2); print $2}')
+        after=$(awk '{print $14 + $15}' "/proc/$REDIS_PID/stat")
+        echo "part: ${*:1:3}: $rate/s, Redis CPU $(python3 -c "print(round(($after - $before) * 10000 / 300000, 2))") us/command" | tee -a "$results"
+    }
+    part FCALL noop 1 k "$payload"
+    part FCALL publish_only 1 fanout.1 "$payload"
+    part XADD part:exact MAXLEN 10000 '*' d "$payload"
+    part XADD part:approx MAXLEN '~' 10000 '*' d "$payload"
+    part FCALL xadd_only 1 part:function "$payload"
+    part HINCRBY part:meta t 1
+    part PEXPIRE part:meta 600000
     ;;
 history-cpu)
     # Node CPU per delivery on a history channel against a plain one, same
-    # fan-out: 1,000 subscribers on one channel through Redis, RATE messages/s
-    # (default 100 and 400), PUBLISH to a plain node and herald_publish to a
-    # history node, a fresh node each run, REPEAT alternating pairs (default 5).
+    # fan-out: 1,000 subscribers on CHANNELS channels (default 1) through
+    # Redis, RATE messages/s (default 100 and 400), PUBLISH to a plain node
+    # and herald_publish to a history node, a fresh node each run, REPEAT
+    # alternating pairs (default 5). What history adds is per message, not
+    # per delivery: CHANNELS=100 (10 subscribers each) shows it more.
     start_redis
     config=$(history_config)
+    channels=${CHANNELS:-1}
     for rate in $(rates 100 400); do
-        rm -f "$OUT"/history-cpu-*-"$rate"-*.json
+        tag=$rate
+        [ "$channels" = 1 ] || tag=$rate-c$channels
+        rm -f "$OUT"/history-cpu-*-"$tag"-*.json
         for i in $(seq 1 "${REPEAT:-5}"); do
             for kind in plain history; do
                 if [ "$kind" = plain ]; then
@@ -487,16 +513,16 @@ history-cpu)
                     publish=(--publish function --history --check offsets-exact)
                 fi
                 tool fanout "${URLS[@]}" --secret $SECRET "${PIDFLAGS[@]}" "${publish[@]}" \
-                    --redis-url redis://127.0.0.1:$REDIS_PORT --subscribers 1000 --channels 1 \
+                    --redis-url redis://127.0.0.1:$REDIS_PORT --subscribers 1000 --channels "$channels" \
                     --rate "$rate" --payload 100 --duration 10s --check lossless \
-                    --json "$OUT/history-cpu-$kind-$rate-$i.json"
+                    --json "$OUT/history-cpu-$kind-$tag-$i.json"
                 kill "$NODE_PID"
                 wait "$NODE_PID" 2>/dev/null || true
             done
         done
         for kind in plain history; do
-            files=("$OUT"/history-cpu-$kind-$rate-*.json)
-            echo "$kind at $rate/s: CPU per delivery median $(median "${files[@]}" -- results.cpu_us_per_delivery) us," \
+            files=("$OUT"/history-cpu-$kind-$tag-*.json)
+            echo "$kind at $rate/s over $channels channels: CPU per delivery median $(median "${files[@]}" -- results.cpu_us_per_delivery) us," \
                 "p99 median $(median "${files[@]}" -- results.latency_ms.p99) ms"
         done
     done
