@@ -288,6 +288,29 @@ def config_seeds():
     }
 
 
+def jwks_seeds():
+    fixture = os.path.join(HERE, "..", "tests", "fixtures", "jwks.json")
+    with open(fixture) as file:
+        keys = json.load(file)["keys"]
+    rsa, ec, ed = keys
+    return {
+        "fixture": json.dumps({"keys": keys}),
+        "one-ec": json.dumps({"keys": [ec]}),
+        "mixed": json.dumps({"keys": [
+            {"kty": "oct", "kid": "s", "k": "c2VjcmV0"},
+            dict(ec, use="enc"),
+            dict(rsa, alg="RSA-OAEP"),
+            dict(ed, kid=""),
+            dict(ec, x="AAAA"),
+            {"kty": "EC", "kid": "p384", "crv": "P-384", "x": ec["x"], "y": ec["y"]},
+            ed,
+            ed,
+        ]}),
+        "empty": '{"keys": []}',
+        "not-a-set": '[{"kty": "EC"}]',
+    }
+
+
 def write(target, seeds):
     directory = os.path.join(HERE, "corpus", target)
     os.makedirs(directory, exist_ok=True)
@@ -308,6 +331,7 @@ def main():
     write("channel", channel_seeds())
     write("subject", subject_seeds())
     write("config", config_seeds())
+    write("jwks", jwks_seeds())
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ if ! [[ $seconds =~ ^[1-9][0-9]*$ ]]; then
     echo "usage: $0 [SECONDS]" >&2
     exit 2
 fi
-targets=(frame_reader request token channel subject config)
+targets=(frame_reader request token channel subject config jwks)
 # Only one cargo at a time on a shared machine, the fuzzer's runs included.
 lock=/tmp/herald-cargo.lock
 

@@ -298,6 +298,22 @@ pub struct AuthConfig {
     pub user_publish: Vec<String>,
     /// Tokens longer than this are refused without being decoded.
     pub max_token_bytes: usize,
+    /// URL of a JSON Web Key Set: asymmetric tokens are verified with the key
+    /// their `kid` names. Excludes `public_key_file`.
+    pub jwks_url: Option<String>,
+    /// How often the key set is fetched again.
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh_interval: Duration,
+    /// The least time between two fetches caused by unknown `kid`s.
+    #[serde(with = "humantime_serde")]
+    pub jwks_min_refresh_interval: Duration,
+    /// Deadline of one fetch: connect, TLS, request and body.
+    #[serde(with = "humantime_serde")]
+    pub jwks_timeout: Duration,
+    /// Key sets larger than this are refused.
+    pub jwks_max_bytes: usize,
+    /// Extra PEM roots for an `https://` `jwks_url`, beside the system's.
+    pub jwks_ca_file: Option<PathBuf>,
 }
 
 impl Default for AuthConfig {
@@ -314,6 +330,12 @@ impl Default for AuthConfig {
             publish_claim: "publish".to_owned(),
             user_publish: Vec::new(),
             max_token_bytes: 8 * 1024,
+            jwks_url: None,
+            jwks_refresh_interval: Duration::from_secs(300),
+            jwks_min_refresh_interval: Duration::from_secs(30),
+            jwks_timeout: Duration::from_secs(5),
+            jwks_max_bytes: 1024 * 1024,
+            jwks_ca_file: None,
         }
     }
 }
@@ -875,6 +897,21 @@ impl Config {
         positive("broker.command_timeout", self.broker.command_timeout)?;
         positive("broker.reconnect_min", self.broker.reconnect_min)?;
         positive("broker.reconnect_max", self.broker.reconnect_max)?;
+        positive(
+            "auth.jwks_refresh_interval",
+            self.auth.jwks_refresh_interval,
+        )?;
+        positive("auth.jwks_timeout", self.auth.jwks_timeout)?;
+        positive(
+            "auth.jwks_min_refresh_interval",
+            self.auth.jwks_min_refresh_interval,
+        )?;
+        if self.auth.jwks_min_refresh_interval > self.auth.jwks_refresh_interval {
+            return Err(ConfigError::invalid(
+                "auth.jwks_min_refresh_interval",
+                "must not be longer than auth.jwks_refresh_interval",
+            ));
+        }
         if self.auth.leeway > MAX_LEEWAY {
             // jsonwebtoken computes `now - leeway` in u64.
             return Err(ConfigError::invalid("auth.leeway", "must be at most 1 day"));
@@ -944,6 +981,7 @@ impl Config {
             8192,
         )?;
         at_least("auth.max_token_bytes", self.auth.max_token_bytes, 64)?;
+        at_least("auth.jwks_max_bytes", self.auth.jwks_max_bytes, 256)?;
         at_least("limits.max_connections", self.limits.max_connections, 1)?;
         at_least("presence.max_users", self.presence.max_users, 1)?;
         at_least(

@@ -17,7 +17,7 @@ use hyper::header::HeaderValue;
 use serde_json::json;
 use tokio::io::{AsyncRead, ReadBuf};
 
-use crate::auth::{Authenticator, mint_hs256};
+use crate::auth::{Authenticator, jwks, mint_hs256};
 use crate::channel::{self, Pattern, SubjectTemplate};
 use crate::config::{AuthConfig, Config, ConfigError, Secret};
 use crate::inbound::{FrameReader, Inbound, ReadError};
@@ -693,4 +693,38 @@ mod tests {
         assert!(!reference_glob(b"a*b", b"axxc"));
         assert!(!reference_glob(b"", b"a"));
     }
+}
+
+// ---------------------------------------------------------------------------
+// JSON Web Key Sets.
+
+/// Target `jwks`: a key set document, as `auth.jwks_url` serves it.
+///
+/// Properties: parsing never panics; a parsed set keeps between 1 and
+/// [`jwks::MAX_KEYS`] keys, each found under the `kid` it was listed with,
+/// of the family of a configured algorithm and never symmetric; kept plus
+/// skipped is the number of entries listed.
+pub fn jwks(data: &[u8]) {
+    use jsonwebtoken::{Algorithm, AlgorithmFamily};
+    let algorithms = [Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA];
+    let Ok((set, skipped)) = jwks::KeySet::parse(data, &algorithms) else {
+        return;
+    };
+    assert!((1..=jwks::MAX_KEYS).contains(&set.len()));
+    let listed: Vec<serde_json::Value> = serde_json::from_slice::<serde_json::Value>(data)
+        .expect("a parsed set is JSON")["keys"]
+        .as_array()
+        .expect("a parsed set has a keys array")
+        .clone();
+    assert_eq!(set.len() + skipped, listed.len());
+    let mut found = 0;
+    for entry in &listed {
+        let Some(key) = entry["kid"].as_str().and_then(|kid| set.get(kid)) else {
+            continue;
+        };
+        found += 1;
+        assert_ne!(key.key.family(), AlgorithmFamily::Hmac);
+        assert!(algorithms.iter().any(|a| a.family() == key.key.family()));
+    }
+    assert!(found >= set.len());
 }

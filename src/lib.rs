@@ -132,6 +132,7 @@ async fn start(config: Config) -> Result<Node, StartError> {
     let auth = Authenticator::from_config(&config.auth)?;
     let metrics = Metrics::new(&id);
     let shutdown = CancellationToken::new();
+    auth.spawn_refresher(metrics.clone(), shutdown.clone());
     let tls = match &config.server.tls {
         Some(tls_config) => {
             let tls = Arc::new(tls::Tls::new(tls_config, metrics.clone())?);

@@ -99,6 +99,9 @@ struct Inner {
     history_recovered_messages: IntCounter,
     history_fetch: Histogram,
     client_publishes: IntCounterVec,
+    jwks_fetches: IntCounterVec,
+    jwks_keys: IntGauge,
+    jwks_last_success: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -297,6 +300,22 @@ impl Metrics {
                     .expect("metric registered once");
                 metric
             },
+            jwks_fetches: counter_vec(
+                r,
+                "jwks_fetches_total",
+                "Fetches of auth.jwks_url, by trigger (startup, interval, unknown_kid) and outcome (ok, unreachable, tls_error, http_error, http_status, too_large, timeout, invalid).",
+                &["trigger", "outcome"],
+            ),
+            jwks_keys: gauge(
+                r,
+                "jwks_keys",
+                "Signing keys in the last good key set of auth.jwks_url.",
+            ),
+            jwks_last_success: gauge(
+                r,
+                "jwks_last_success_timestamp_seconds",
+                "When auth.jwks_url was last fetched successfully, in seconds since the Unix epoch; 0 before.",
+            ),
             broker_function_load_failures: counter(
                 r,
                 "broker_function_load_failures_total",
@@ -562,6 +581,21 @@ impl Metrics {
 
     pub fn broker_roundtrip(&self, elapsed: Duration) {
         self.inner.broker_roundtrip.observe(elapsed.as_secs_f64());
+    }
+
+    /// A fetch of `auth.jwks_url` ended; `keys` is the new set's size when
+    /// `outcome` is `ok`.
+    pub fn jwks_fetched(&self, trigger: &str, outcome: &str, keys: usize) {
+        self.inner
+            .jwks_fetches
+            .with_label_values(&[trigger, outcome])
+            .inc();
+        if outcome == "ok" {
+            self.inner.jwks_keys.set(keys as i64);
+            self.inner
+                .jwks_last_success
+                .set(crate::auth::unix_now() as i64);
+        }
     }
 
     pub fn broker_function_load_failed(&self) {

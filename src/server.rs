@@ -257,10 +257,10 @@ async fn route(request: Request<Incoming>, node: Node, client: Client) -> Respon
         }
     }
     let (name, response) = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/ws") => ("ws", websocket(request, &node, peer, Mode::Gateway)),
+        (&Method::GET, "/ws") => ("ws", websocket(request, &node, peer, Mode::Gateway).await),
         // Test only: release builds have no `/echo`.
         #[cfg(feature = "test-echo")]
-        (&Method::GET, "/echo") => ("echo", websocket(request, &node, peer, Mode::Echo)),
+        (&Method::GET, "/echo") => ("echo", websocket(request, &node, peer, Mode::Echo).await),
         (&Method::POST, "/api/publish") => ("publish", publish(request, &node).await),
         (&Method::GET, "/healthz") => (
             "healthz",
@@ -295,6 +295,11 @@ fn readiness(node: &Node) -> Response<Body> {
         http::json(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"status": "broker_unavailable"}),
+        )
+    } else if !node.auth.is_ready() {
+        http::json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "jwks_unavailable"}),
         )
     } else {
         http::json(StatusCode::OK, json!({"status": "ready"}))
@@ -347,7 +352,7 @@ fn refused(node: &Node, refusal: Refusal) -> Response<Body> {
 
 /// `GET /ws`: checks the handshake, admission and the token, then upgrades.
 /// `GET /echo` (the `test-echo` feature) does the same without a token.
-fn websocket(
+async fn websocket(
     mut request: Request<Incoming>,
     node: &Node,
     peer: SocketAddr,
@@ -398,12 +403,14 @@ fn websocket(
         return refused(node, refusal);
     }
     let authenticated = match mode {
-        Mode::Gateway => find_token(
+        Mode::Gateway => match find_token(
             request.headers().get(AUTHORIZATION),
             request.uri().query(),
             &offered,
-        )
-        .and_then(|token| node.auth.authenticate(token)),
+        ) {
+            Ok(token) => node.auth.authenticate_waiting(token).await,
+            Err(error) => Err(error),
+        },
         #[cfg(feature = "test-echo")]
         Mode::Echo => Ok(crate::auth::Principal {
             user: "echo".into(),

@@ -139,7 +139,7 @@ impl Session {
             } => self.subscribe(id, channels, since).await,
             Request::Unsubscribe { id, channels } => self.unsubscribe(id, channels),
             Request::Ping { id } => self.outbox.push_reply(ServerFrame::Pong { id }.encode()),
-            Request::Refresh { id, token } => self.refresh(id, &token),
+            Request::Refresh { id, token } => self.refresh(id, &token).await,
             Request::Publish { id, channel, data } => self.publish(id, channel, data).await,
             Request::Presence { id, channel } => self.presence(id, &channel, false).await,
             Request::PresenceCount { id, channel } => self.presence(id, &channel, true).await,
@@ -641,8 +641,8 @@ impl Session {
         );
     }
 
-    fn refresh(&mut self, id: Option<RequestId>, token: &str) {
-        match self.node.auth.refresh(&self.principal, token) {
+    async fn refresh(&mut self, id: Option<RequestId>, token: &str) {
+        match self.node.auth.refresh(&self.principal, token).await {
             Ok(principal) => {
                 self.outbox.set_expires_at(principal.expires_at);
                 self.principal = principal;

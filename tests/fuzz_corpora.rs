@@ -58,3 +58,8 @@ fn subject() {
 fn config() {
     replay("config", fuzzing::config);
 }
+
+#[test]
+fn jwks() {
+    replay("jwks", fuzzing::jwks);
+}

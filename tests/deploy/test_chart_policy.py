@@ -354,6 +354,27 @@ def test_public_key_is_mounted_and_configured() -> None:
     assert "HERALD_BROKER__CLUSTER_URLS" in names
 
 
+def test_jwks_replaces_the_public_key_and_mounts_its_ca() -> None:
+    values = {
+        "secrets": {"existingSecret": "herald-secrets"},
+        "config": {"auth": {"algorithms": ["RS256", "ES256"], "jwks_url": "https://idp.example/jwks.json"}},
+        "jwksCa": {"configMap": "idp-ca"},
+    }
+    out = support.rendered(values)
+    auth = out.herald_toml["auth"]
+    assert auth["jwks_url"] == "https://idp.example/jwks.json"
+    assert auth["jwks_ca_file"] == "/etc/herald/jwks/ca.pem"
+    assert auth["jwks_refresh_interval"] == "5m"
+    assert "public_key_file" not in auth
+    sources = out.pod_spec["volumes"][0]["projected"]["sources"]
+    assert {"name": "idp-ca", "items": [{"key": "ca.crt", "path": "jwks/ca.pem"}]} in [s["configMap"] for s in sources if "configMap" in s]
+    assert not any("jwt/public-key.pem" in str(s) for s in sources)
+    # Without a JWKS no jwks key is rendered, and a CA alone is a mistake.
+    plain = support.rendered(ci("existing-secret")).herald_toml["auth"]
+    assert not [key for key in plain if key.startswith("jwks")]
+    assert "jwksCa.configMap" in render_error({"jwksCa": {"configMap": "idp-ca"}, "secrets": {"hmacSecret": "x" * 32}})
+
+
 @pytest.mark.parametrize("values", ALL_CI, ids=CI_IDS)
 def test_env_vars_name_real_configuration_keys(values: dict[str, Any]) -> None:
     known = set(support.documented_keys()) | support.PENDING_KEYS
@@ -476,7 +497,7 @@ def schema_config_keys() -> set[str]:
 # Keys the chart sets itself instead of taking them from `config`.
 CHART_MANAGED = {
     "node.id", "server.listen", "server.tls.cert_file", "server.tls.key_file", "server.tls.client_ca_file",
-    "auth.hmac_secret", "auth.public_key_file", "api.key", "broker.url", "broker.cluster_urls",
+    "auth.hmac_secret", "auth.public_key_file", "auth.jwks_ca_file", "api.key", "broker.url", "broker.cluster_urls",
     "broker.password", "broker.sentinel_password", "shutdown.timeout", "shutdown.drain_period",
 }
 

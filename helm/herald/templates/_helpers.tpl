@@ -73,13 +73,14 @@ app.kubernetes.io/component: test
 {{- ternary "true" "" $found }}
 {{- end }}
 
-{{/* "true" when auth.algorithms lists an asymmetric algorithm (needs a public key file). */}}
+{{/* "true" when auth.algorithms lists an asymmetric algorithm and no
+auth.jwks_url gives the keys: a public key file is needed. */}}
 {{- define "herald.usesPublicKey" -}}
 {{- $found := false }}
 {{- range .Values.config.auth.algorithms }}
 {{- if not (hasPrefix "HS" .) }}{{ $found = true }}{{ end }}
 {{- end }}
-{{- ternary "true" "" $found }}
+{{- ternary "true" "" (and $found (not .Values.config.auth.jwks_url)) }}
 {{- end }}
 
 {{- define "herald.scheme" -}}
@@ -160,6 +161,9 @@ any rendering fails with a message naming the values to fix.
 {{- fail "config.broker.kind is \"redis-cluster\": set secrets.existingSecret or secrets.brokerClusterUrls (comma-separated redis:// URLs)" }}
 {{- end }}
 {{- end }}
+{{- if and .Values.jwksCa.configMap (not .Values.config.auth.jwks_url) }}
+{{- fail "jwksCa.configMap is set but config.auth.jwks_url is not" }}
+{{- end }}
 {{- if and .Values.tls.enabled (not .Values.tls.secretName) }}
 {{- fail "tls.enabled needs tls.secretName, a kubernetes.io/tls Secret" }}
 {{- end }}
@@ -191,6 +195,13 @@ herald's configuration: the `config` values plus what the chart manages
 {{- $_ := set $config "server" $server }}
 {{- if include "herald.usesPublicKey" . }}
 {{- $_ := set $config.auth "public_key_file" (printf "%s/jwt/public-key.pem" $dir) }}
+{{- end }}
+{{- if not $config.auth.jwks_url }}
+{{- range list "jwks_url" "jwks_refresh_interval" "jwks_min_refresh_interval" "jwks_timeout" "jwks_max_bytes" }}
+{{- $_ := unset $config.auth . }}
+{{- end }}
+{{- else if .Values.jwksCa.configMap }}
+{{- $_ := set $config.auth "jwks_ca_file" (printf "%s/jwks/ca.pem" $dir) }}
 {{- end }}
 {{- if ne $config.broker.kind "redis-sentinel" }}
 {{- $_ := unset $config.broker "sentinels" }}

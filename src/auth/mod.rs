@@ -1,10 +1,18 @@
 //! JWT verification: a token in, a [`Principal`] or a typed [`AuthError`] out.
-//! Pure: no I/O once the [`Authenticator`] is built from configuration.
+//! [`Authenticator::authenticate`] is pure: no I/O once the authenticator is
+//! built from configuration. With `auth.jwks_url` the keys come from a JSON
+//! Web Key Set that [`jwks`] keeps fresh in the background;
+//! [`Authenticator::authenticate_waiting`] then also waits, briefly and
+//! rate-limited, for a key set that may hold a `kid` not seen yet.
 //!
 //! The accepted algorithms come from `auth.algorithms` only. The token's header
 //! selects among them and never widens them; `none` is never accepted, and an
-//! HMAC token is checked against `auth.hmac_secret` only, never against the
-//! public key, which defeats key-confusion tokens.
+//! HMAC token is checked against `auth.hmac_secret` only, never against a
+//! public key, which defeats key-confusion tokens. A JWKS key verifies only
+//! tokens of its own family, and of its own `alg` when it names one.
+
+mod fetch;
+pub(crate) mod jwks;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,6 +24,9 @@ use serde_json::Value;
 
 use crate::channel::{Pattern, SubjectTemplate};
 use crate::config::{AuthConfig, ConfigError};
+use crate::metrics::Metrics;
+use jwks::Jwks;
+use tokio_util::sync::CancellationToken;
 
 /// An authenticated client.
 #[derive(Clone, Debug)]
@@ -89,11 +100,15 @@ pub enum AuthError {
     InvalidClaim(String),
     #[error("refreshed token is for a different subject")]
     SubjectChanged,
+    #[error("token header has no `kid`, which auth.jwks_url requires")]
+    MissingKid,
+    #[error("token `kid` names no key of the key set")]
+    UnknownKey,
 }
 
 impl AuthError {
     /// Every [`AuthError::code`].
-    pub const CODES: [&'static str; 12] = [
+    pub const CODES: [&'static str; 14] = [
         "missing_token",
         "token_too_large",
         "malformed_token",
@@ -106,6 +121,8 @@ impl AuthError {
         "missing_claim",
         "invalid_claim",
         "subject_changed",
+        "missing_kid",
+        "unknown_key",
     ];
 
     /// The stable machine-readable reason.
@@ -123,6 +140,8 @@ impl AuthError {
             AuthError::MissingClaim(_) => "missing_claim",
             AuthError::InvalidClaim(_) => "invalid_claim",
             AuthError::SubjectChanged => "subject_changed",
+            AuthError::MissingKid => "missing_kid",
+            AuthError::UnknownKey => "unknown_key",
         }
     }
 }
@@ -135,11 +154,14 @@ pub struct Authenticator {
     hmac_key: Option<DecodingKey>,
     /// Key for the asymmetric algorithms, when a public key file is configured.
     public_key: Option<DecodingKey>,
-    /// Leeway, nbf, issuer and audience rules, with the HMAC algorithms only:
-    /// jsonwebtoken wants one key family per validation.
-    hmac_validation: Validation,
-    /// The same rules with the asymmetric algorithms.
-    public_validation: Validation,
+    /// Keys for the asymmetric algorithms by `kid`, with `auth.jwks_url`.
+    jwks: Option<Arc<Jwks>>,
+    /// How long a token with an unknown `kid` waits for an early fetch.
+    jwks_wait: Duration,
+    /// Leeway, nbf, issuer and audience rules, one per configured algorithm
+    /// and allowing only it: jsonwebtoken wants every algorithm of a
+    /// validation to fit the key.
+    validations: Vec<(Algorithm, Validation)>,
     /// Leeway in seconds, added to `exp` for the connection's expiry.
     leeway: u64,
     channels_claim: String,
@@ -196,50 +218,52 @@ impl Authenticator {
             .map(|a| family(*a))
             .filter(|f| *f != Family::Hmac)
             .collect();
-        let public_key = match asymmetric.first() {
-            None => None,
-            Some(first) => {
-                if asymmetric.iter().any(|f| f != first) {
-                    return Err(ConfigError::invalid(
-                        "auth.algorithms",
-                        "may list asymmetric algorithms of one key type only (RSA, EC or Ed25519)",
-                    ));
-                }
-                let path = config.public_key_file.as_ref().ok_or_else(|| {
-                    ConfigError::invalid(
-                        "auth.public_key_file",
-                        "is required because auth.algorithms lists an asymmetric algorithm",
-                    )
-                })?;
-                let pem = std::fs::read(path).map_err(|e| {
-                    ConfigError::invalid(
-                        "auth.public_key_file",
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
-                let key = match first {
-                    Family::Rsa => DecodingKey::from_rsa_pem(&pem),
-                    Family::Ec => DecodingKey::from_ec_pem(&pem),
-                    Family::Ed => DecodingKey::from_ed_pem(&pem),
-                    Family::Hmac | Family::Unsupported => {
-                        return Err(ConfigError::invalid(
-                            "auth.algorithms",
-                            format!("algorithm {:?} is not supported", config.algorithms),
-                        ));
-                    }
-                }
-                .map_err(|e| {
-                    ConfigError::invalid(
-                        "auth.public_key_file",
-                        format!(
-                            "{} is not a PEM public key of the configured type: {e}",
-                            path.display()
-                        ),
-                    )
-                })?;
-                Some(key)
+        if asymmetric.contains(&Family::Unsupported) {
+            return Err(ConfigError::invalid(
+                "auth.algorithms",
+                format!(
+                    "{:?} lists an algorithm herald does not support",
+                    config.algorithms
+                ),
+            ));
+        }
+        let (public_key, jwks) = match (&config.public_key_file, &config.jwks_url) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "auth.jwks_url",
+                    "set either auth.public_key_file or auth.jwks_url, not both",
+                ));
+            }
+            _ if asymmetric.is_empty() => (None, None),
+            (None, None) => {
+                return Err(ConfigError::invalid(
+                    "auth.public_key_file",
+                    "is required, or auth.jwks_url, because auth.algorithms lists an asymmetric algorithm",
+                ));
+            }
+            (Some(path), None) => (Some(public_key(path, &asymmetric)?), None),
+            (None, Some(url)) => {
+                let fetcher = fetch::Fetcher::new(
+                    url,
+                    config.jwks_ca_file.as_deref(),
+                    config.jwks_timeout,
+                    config.jwks_max_bytes,
+                )?;
+                let jwks = Jwks::new(
+                    fetcher,
+                    algorithms.clone(),
+                    config.jwks_refresh_interval,
+                    config.jwks_min_refresh_interval,
+                );
+                (None, Some(Arc::new(jwks)))
             }
         };
+        if config.jwks_ca_file.is_some() && config.jwks_url.is_none() {
+            return Err(ConfigError::invalid(
+                "auth.jwks_ca_file",
+                "is only used with auth.jwks_url",
+            ));
+        }
         let templates = |key: &str, templates: &[String]| {
             templates
                 .iter()
@@ -272,28 +296,28 @@ impl Authenticator {
             None => validation.validate_aud = false,
         }
         validation.set_required_spec_claims(&required);
-        let for_family = |hmac: bool| {
-            let mut validation = validation.clone();
-            validation.algorithms = algorithms
-                .iter()
-                .copied()
-                .filter(|a| (family(*a) == Family::Hmac) == hmac)
-                .collect();
-            validation
-        };
+        let validations = algorithms
+            .iter()
+            .map(|algorithm| {
+                let mut validation = validation.clone();
+                validation.algorithms = vec![*algorithm];
+                (*algorithm, validation)
+            })
+            .collect();
 
         Ok(Authenticator {
-            hmac_validation: for_family(true),
-            public_validation: for_family(false),
+            validations,
             algorithms,
             hmac_key,
             public_key,
+            jwks,
             leeway: config.leeway.as_secs(),
             channels_claim: config.channels_claim.clone(),
             user_channels,
             publish_claim: config.publish_claim.clone(),
             user_publish,
             max_token_bytes: config.max_token_bytes,
+            jwks_wait: config.jwks_timeout + Duration::from_millis(500),
         })
     }
 
@@ -305,19 +329,84 @@ impl Authenticator {
         if token.len() > self.max_token_bytes {
             return Err(AuthError::TooLarge);
         }
-        let algorithm = self.header_algorithm(token)?;
-        let (key, validation) = match family(algorithm) {
-            Family::Hmac => (self.hmac_key.as_ref(), &self.hmac_validation),
-            _ => (self.public_key.as_ref(), &self.public_validation),
+        let header = self.header(token)?;
+        if family(header.algorithm) == Family::Hmac {
+            let key = self
+                .hmac_key
+                .as_ref()
+                .ok_or(AuthError::AlgorithmNotAllowed)?;
+            return self.decode(token, key, header.algorithm);
+        }
+        let Some(jwks) = &self.jwks else {
+            let key = self
+                .public_key
+                .as_ref()
+                .ok_or(AuthError::AlgorithmNotAllowed)?;
+            return self.decode(token, key, header.algorithm);
         };
-        let key = key.ok_or(AuthError::AlgorithmNotAllowed)?;
+        let kid = header.kid.ok_or(AuthError::MissingKid)?;
+        let keys = jwks.keys().ok_or(AuthError::UnknownKey)?;
+        let key = keys.get(&kid).ok_or(AuthError::UnknownKey)?;
+        if key.key.family() != header.algorithm.family()
+            || key.algorithm.is_some_and(|a| a != header.algorithm)
+        {
+            return Err(AuthError::AlgorithmNotAllowed);
+        }
+        self.decode(token, &key.key, header.algorithm)
+    }
+
+    /// Like [`Authenticator::authenticate`], but a token whose `kid` the key
+    /// set lacks first waits for an early fetch of the set (rate-limited by
+    /// `auth.jwks_min_refresh_interval`, bounded by `auth.jwks_timeout`): the
+    /// identity provider may have just rotated its keys.
+    pub async fn authenticate_waiting(&self, token: &str) -> Result<Principal, AuthError> {
+        match self.authenticate(token) {
+            Err(AuthError::UnknownKey) => {
+                let Some(jwks) = &self.jwks else {
+                    return Err(AuthError::UnknownKey);
+                };
+                let Some(fetched) = jwks.request_refresh() else {
+                    return Err(AuthError::UnknownKey);
+                };
+                let _ = tokio::time::timeout(self.jwks_wait, fetched).await;
+                self.authenticate(token)
+            }
+            result => result,
+        }
+    }
+
+    /// Whether tokens can be verified: false while `auth.jwks_url` has never
+    /// been fetched.
+    pub fn is_ready(&self) -> bool {
+        self.jwks.as_ref().is_none_or(|jwks| jwks.is_ready())
+    }
+
+    /// Keeps the key set of `auth.jwks_url` fresh until `stop`. Nothing to do
+    /// without one.
+    pub fn spawn_refresher(&self, metrics: Metrics, stop: CancellationToken) {
+        if let Some(jwks) = &self.jwks {
+            tokio::spawn(jwks.clone().run(metrics, stop));
+        }
+    }
+
+    fn decode(
+        &self,
+        token: &str,
+        key: &DecodingKey,
+        algorithm: Algorithm,
+    ) -> Result<Principal, AuthError> {
+        let (_, validation) = self
+            .validations
+            .iter()
+            .find(|(a, _)| *a == algorithm)
+            .ok_or(AuthError::AlgorithmNotAllowed)?;
         let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(map_jwt_error)?;
         self.principal(data.claims)
     }
 
     /// Verifies a refreshed token: it must be valid and for the same subject.
-    pub fn refresh(&self, current: &Principal, token: &str) -> Result<Principal, AuthError> {
-        let next = self.authenticate(token)?;
+    pub async fn refresh(&self, current: &Principal, token: &str) -> Result<Principal, AuthError> {
+        let next = self.authenticate_waiting(token).await?;
         if next.user != current.user {
             return Err(AuthError::SubjectChanged);
         }
@@ -326,7 +415,7 @@ impl Authenticator {
 
     /// Reads the header's `alg` ourselves so that `none` and unknown names get a
     /// precise answer, and refuses anything not configured before any key is used.
-    fn header_algorithm(&self, token: &str) -> Result<Algorithm, AuthError> {
+    fn header(&self, token: &str) -> Result<TokenHeader, AuthError> {
         let header = token.split('.').next().ok_or(AuthError::Malformed)?;
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(header.trim_end_matches('='))
@@ -334,6 +423,7 @@ impl Authenticator {
         #[derive(Deserialize)]
         struct RawHeader {
             alg: String,
+            kid: Option<String>,
         }
         let raw: RawHeader = serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)?;
         let algorithm: Algorithm = raw
@@ -343,7 +433,10 @@ impl Authenticator {
         if !self.algorithms.contains(&algorithm) {
             return Err(AuthError::AlgorithmNotAllowed);
         }
-        Ok(algorithm)
+        Ok(TokenHeader {
+            algorithm,
+            kid: raw.kid,
+        })
     }
 
     fn principal(&self, claims: Claims) -> Result<Principal, AuthError> {
@@ -411,7 +504,44 @@ fn grants_or_none(
     grants(claims, claim, templates, sub)
 }
 
-impl Authenticator {}
+/// What herald reads of a token's header.
+struct TokenHeader {
+    algorithm: Algorithm,
+    kid: Option<String>,
+}
+
+/// Reads `auth.public_key_file`, a PEM key of the one asymmetric family
+/// `auth.algorithms` lists.
+fn public_key(path: &std::path::Path, families: &[Family]) -> Result<DecodingKey, ConfigError> {
+    let first = families[0];
+    if families.iter().any(|f| *f != first) {
+        return Err(ConfigError::invalid(
+            "auth.algorithms",
+            "may list asymmetric algorithms of one key type only (RSA, EC or Ed25519) with auth.public_key_file; auth.jwks_url allows several",
+        ));
+    }
+    let pem = std::fs::read(path).map_err(|e| {
+        ConfigError::invalid(
+            "auth.public_key_file",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    match first {
+        Family::Rsa => DecodingKey::from_rsa_pem(&pem),
+        Family::Ec => DecodingKey::from_ec_pem(&pem),
+        Family::Ed => DecodingKey::from_ed_pem(&pem),
+        Family::Hmac | Family::Unsupported => unreachable!("only asymmetric families"),
+    }
+    .map_err(|e| {
+        ConfigError::invalid(
+            "auth.public_key_file",
+            format!(
+                "{} is not a PEM public key of the configured type: {e}",
+                path.display()
+            ),
+        )
+    })
+}
 
 /// The claims herald reads. `sub` and `exp` are optional here so that their
 /// absence is reported by the validation as `missing_claim`, not as malformed.
@@ -600,6 +730,8 @@ mod tests {
             AuthError::MissingClaim("x".into()),
             AuthError::InvalidClaim("x".into()),
             AuthError::SubjectChanged,
+            AuthError::MissingKid,
+            AuthError::UnknownKey,
         ];
         let codes: Vec<&str> = all.iter().map(AuthError::code).collect();
         assert_eq!(codes, AuthError::CODES);
