@@ -5,6 +5,13 @@
 #   loadtest/bench.sh faults-redis-kill|faults-client-kill|faults-redis-pause|faults-sigterm|
 #                     faults-slow-attack|faults-leaks|drain|faults-ci|faults
 #   loadtest/bench.sh history-kills|history-resume|history-publish|history-cpu [RATE...]|history-ci|history
+#   loadtest/bench.sh tls
+#   loadtest/bench.sh floor
+#
+# TLS=1 before any scenario serves it over wss:// with a self-signed
+# certificate (the tool trusts it with --ca-file); scenarios that publish
+# through the HTTP API need plain http, so the tls scenario publishes
+# through Redis.
 #
 # The faults-* scenarios, drain, history-kills and history-resume assert
 # their outcome: the tool exits 1 when a check fails, and so does this script.
@@ -24,8 +31,10 @@ KEY=bench-api-key-0123456789
 mkdir -p "$OUT"
 
 cargo build --release -q -p herald -p herald-loadtest
-HERALD=target/release/herald
+# HERALD=path runs another build of herald (an older commit, say) instead.
+HERALD=${HERALD:-target/release/herald}
 TOOL=target/release/herald-loadtest
+FLOOR=target/release/herald-floor
 
 PIDS=()
 # A Redis restarted by a fault writes its pid here (it runs daemonized).
@@ -36,6 +45,7 @@ cleanup() {
         kill "$(cat "$RESTARTED_REDIS_PIDFILE")" 2>/dev/null || true
         rm -f "$RESTARTED_REDIS_PIDFILE"
     fi
+    [ -n "${TLS_DIR:-}" ] && rm -rf "$TLS_DIR"
     wait 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -44,9 +54,23 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
+# With TLS=1: a self-signed certificate for 127.0.0.1 and localhost.
+TLS_DIR=""
+tls_certificate() {
+    if [ -z "$TLS_DIR" ]; then
+        TLS_DIR=$(mktemp -d /tmp/herald-bench-tls-XXXXXX)
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+            -subj /CN=localhost -addext subjectAltName=IP:127.0.0.1,DNS:localhost \
+            -addext basicConstraints=critical,CA:FALSE \
+            -keyout "$TLS_DIR/key.pem" -out "$TLS_DIR/cert.pem" 2>/dev/null
+    fi
+}
+
 wait_ready() {
+    local scheme=http
+    [ -n "${TLS:-}" ] && scheme=https
     for _ in $(seq 1 200); do
-        if curl -fsS "http://127.0.0.1:$1/readyz" >/dev/null 2>&1; then return 0; fi
+        if curl -kfsS "$scheme://127.0.0.1:$1/readyz" >/dev/null 2>&1; then return 0; fi
         sleep 0.05
     done
     echo "node on port $1 never became ready" >&2
@@ -83,13 +107,21 @@ start_node() {
     if [ "$broker" = redis ]; then
         env+=(HERALD_BROKER__KIND=redis HERALD_BROKER__URL=redis://127.0.0.1:$REDIS_PORT)
     fi
+    local scheme=ws
+    if [ -n "${TLS:-}" ]; then
+        tls_certificate
+        env+=(HERALD_SERVER__TLS__CERT_FILE=$TLS_DIR/cert.pem HERALD_SERVER__TLS__KEY_FILE=$TLS_DIR/key.pem
+            HERALD_SERVER__TLS__MAX_HANDSHAKES=20000)
+        scheme=wss
+    fi
     # NODE_CONFIG: a TOML file for what the environment cannot say ([[channels]]).
     env "${env[@]}" "$@" taskset -c "$GATEWAY_CORE" "$HERALD" serve ${NODE_CONFIG:+--config "$NODE_CONFIG"} &
     NODE_PID=$!
     NODE_PORT=$port
     PIDS+=($!)
     PIDFLAGS+=(--pid $!)
-    URLS+=(--url ws://127.0.0.1:$port/ws)
+    URLS+=(--url $scheme://127.0.0.1:$port/ws)
+    [ -n "${TLS:-}" ] && URLS+=(--ca-file "$TLS_DIR/cert.pem")
     PORTS+=("$port")
 }
 
@@ -106,6 +138,16 @@ stop_all() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
     PIDS=()
+}
+
+# stop_all_nodes: stops the nodes started by the last start_nodes, not Redis.
+stop_all_nodes() {
+    local pid
+    for pid in "${PIDFLAGS[@]}"; do
+        [ "$pid" = --pid ] && continue
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
 }
 
 # still_up PID: fails (and says so) unless the process still runs.
@@ -217,10 +259,11 @@ fanout-1k)
     done
     ;;
 cpu-100k)
-    # Target: server CPU per delivery at 100k deliveries/s (1k subscribers x 100/s).
+    # Target: server CPU per delivery at 100k deliveries/s (1k subscribers x
+    # 100/s); PAYLOAD bytes (default 100).
     start_nodes 1
     tool fanout "${URLS[@]}" --secret $SECRET "${PIDFLAGS[@]}" $(api) \
-        --subscribers 1000 --channels 1 --rate 100 --payload 100 --duration 20s \
+        --subscribers 1000 --channels 1 --rate 100 --payload "${PAYLOAD:-100}" --duration 20s \
         --json "$OUT/cpu-100k.json"
     ;;
 fanout-10k)
@@ -541,6 +584,96 @@ history)
         echo "failed: ${failed[*]}" >&2
         exit 1
     fi
+    ;;
+floor)
+    # herald against the floor server (herald-floor: one non-blocking write
+    # per delivery, nothing else), on the same core, same tool, same run,
+    # REPEAT (default 3) rounds alternating: node CPU per delivery at 1k
+    # subscribers x 100/s, and latency at 10k subscribers x 3/s; prints the
+    # medians and herald's ratio to the floor.
+    for round in $(seq 1 "${REPEAT:-3}"); do
+        for server in herald floor; do
+            if [ "$server" = herald ]; then
+                start_nodes 1
+            else
+                port=$(free_port)
+                taskset -c "$GATEWAY_CORE" "$FLOOR" --listen 127.0.0.1:$port 2>/dev/null &
+                PIDS+=($!)
+                URLS=(--url ws://127.0.0.1:$port/ws) PIDFLAGS=(--pid $!) PORTS=("$port")
+                wait_ready "$port"
+            fi
+            tool fanout "${URLS[@]}" --secret $SECRET "${PIDFLAGS[@]}" $(api) \
+                --subscribers 1000 --channels 1 --rate 100 --payload 100 --duration 15s --check lossless \
+                --json "$OUT/floor-cpu-$server-$round.json"
+            tool fanout "${URLS[@]}" --secret $SECRET "${PIDFLAGS[@]}" $(api) --source-ips 2 \
+                --subscribers 10000 --connect-rate 5000 --channels 1 --rate 3 --payload 100 --duration 15s \
+                --check lossless --json "$OUT/floor-10k-$server-$round.json"
+            stop_all_nodes
+        done
+    done
+    python3 - "$OUT" "${REPEAT:-3}" <<'PY'
+import json, statistics, sys
+out, repeat = sys.argv[1], int(sys.argv[2])
+def med(kind, server, *path):
+    values = []
+    for round in range(1, repeat + 1):
+        value = json.load(open(f"{out}/floor-{kind}-{server}-{round}.json"))["results"]
+        for key in path:
+            value = value[key]
+        values.append(value)
+    return statistics.median(values), values
+rows = [
+    ("1k x 100/s: CPU per delivery (us)", "cpu", ("cpu_us_per_delivery",)),
+    ("1k x 100/s: p99 (ms)", "cpu", ("latency_ms", "p99")),
+    ("10k x 3/s: p50 (ms)", "10k", ("latency_ms", "p50")),
+    ("10k x 3/s: p99 (ms)", "10k", ("latency_ms", "p99")),
+]
+for label, kind, path in rows:
+    (h, hs), (f, fs) = med(kind, "herald", *path), med(kind, "floor", *path)
+    print(f"{label}: herald {h:.3f} {hs}, floor {f:.3f} {fs}, ratio {h / f:.2f}")
+PY
+    ;;
+tls)
+    # What TLS costs: the same runs over ws:// and wss://, one node with a
+    # Redis broker (the tool publishes through Redis, so that the publish
+    # path is the same for both): idle memory per subscribed connection at
+    # 10k, handshakes per second, and node CPU per delivery and latency at
+    # 1k subscribers x 100/s. REPEAT (default 3) rounds, alternating.
+    start_redis
+    for round in $(seq 1 "${REPEAT:-3}"); do
+        for mode in plain tls; do
+            tls=""
+            [ "$mode" = tls ] && tls=1
+            TLS=$tls start_nodes 1 redis
+            TLS=$tls tool connect "${URLS[@]}" --secret $SECRET "${PIDFLAGS[@]}" --source-ips 2 \
+                --connections 10000 --rate 2000 --channels-per-conn 1 --channel-count 100 --hold 5s \
+                --json "$OUT/tls-memory-$mode-$round.json"
+            stop_all_nodes
+            TLS=$tls start_nodes 1 redis
+            TLS=$tls tool connect "${URLS[@]}" --secret $SECRET "${PIDFLAGS[@]}" --source-ips 2 \
+                --connections 15000 --rate "$(rates 10000)" --channels-per-conn 1 --channel-count 100 --hold 1s \
+                --json "$OUT/tls-handshakes-$mode-$round.json"
+            stop_all_nodes
+            TLS=$tls start_nodes 1 redis
+            TLS=$tls tool fanout "${URLS[@]}" --secret $SECRET "${PIDFLAGS[@]}" \
+                --publish redis --redis-url redis://127.0.0.1:$REDIS_PORT \
+                --subscribers 1000 --channels 1 --rate 100 --payload 100 --duration 15s --check lossless \
+                --json "$OUT/tls-cpu-$mode-$round.json"
+            stop_all_nodes
+        done
+    done
+    for mode in plain tls; do
+        files=() hs=() cpu=()
+        for round in $(seq 1 "${REPEAT:-3}"); do
+            files+=("$OUT/tls-memory-$mode-$round.json")
+            hs+=("$OUT/tls-handshakes-$mode-$round.json")
+            cpu+=("$OUT/tls-cpu-$mode-$round.json")
+        done
+        echo "$mode: idle bytes per connection $(median "${files[@]}" -- results.memory_per_connection_bytes)," \
+            "handshakes/s $(median "${hs[@]}" -- results.handshakes_per_sec)," \
+            "CPU per delivery $(median "${cpu[@]}" -- results.cpu_us_per_delivery) us," \
+            "p50 $(median "${cpu[@]}" -- results.latency_ms.p50) ms, p99 $(median "${cpu[@]}" -- results.latency_ms.p99) ms"
+    done
     ;;
 faults)
     # Every fault scenario and drain, one after the other; fails at the end

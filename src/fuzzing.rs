@@ -672,29 +672,6 @@ fn durations(config: &Config) -> HashMap<&'static str, Duration> {
     ])
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parts_split_at_0xff() {
-        assert_eq!(
-            parts::<3>(b"a\xffb\xffc\xffd"),
-            [&b"a"[..], b"b", b"c\xffd"]
-        );
-        assert_eq!(parts::<3>(b"a"), [&b"a"[..], b"", b""]);
-        assert_eq!(parts::<1>(b"a\xffb"), [&b"a\xffb"[..]]);
-    }
-
-    #[test]
-    fn the_reference_glob_is_a_glob() {
-        assert!(reference_glob(b"a*b", b"axxb"));
-        assert!(reference_glob(b"*", b""));
-        assert!(!reference_glob(b"a*b", b"axxc"));
-        assert!(!reference_glob(b"", b"a"));
-    }
-}
-
 // ---------------------------------------------------------------------------
 // JSON Web Key Sets.
 
@@ -727,4 +704,27 @@ pub fn jwks(data: &[u8]) {
         assert!(algorithms.iter().any(|a| a.family() == key.key.family()));
     }
     assert!(found >= set.len());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_split_at_0xff() {
+        assert_eq!(
+            parts::<3>(b"a\xffb\xffc\xffd"),
+            [&b"a"[..], b"b", b"c\xffd"]
+        );
+        assert_eq!(parts::<3>(b"a"), [&b"a"[..], b"", b""]);
+        assert_eq!(parts::<1>(b"a\xffb"), [&b"a\xffb"[..]]);
+    }
+
+    #[test]
+    fn the_reference_glob_is_a_glob() {
+        assert!(reference_glob(b"a*b", b"axxb"));
+        assert!(reference_glob(b"*", b""));
+        assert!(!reference_glob(b"a*b", b"axxc"));
+        assert!(!reference_glob(b"", b"a"));
+    }
 }

@@ -32,6 +32,10 @@ pub struct GlobalArgs {
     /// round-robin over them.
     #[arg(long = "url", global = true, value_name = "URL")]
     pub urls: Vec<String>,
+    /// PEM CA certificates to trust for wss:// URLs, beside the system's
+    /// roots: for example the certificate `herald dev --tls` writes.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
     /// HS256 secret: mint one token per connection (sub `load-<i>`, channels `["*"]`).
     #[arg(long, global = true, conflicts_with = "token")]
     #[serde(skip)]

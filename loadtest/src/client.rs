@@ -15,12 +15,23 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tokio_tungstenite::tungstenite::http::Uri;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{WebSocketStream, client_async_with_config};
+use tokio_tungstenite::{
+    Connector as TlsConnector, MaybeTlsStream, WebSocketStream, client_async_tls_with_config,
+};
 
 use crate::scan::contains;
 
-/// A client WebSocket over plain TCP.
-pub type Ws = WebSocketStream<TcpStream>;
+/// A client WebSocket over TCP, or over TLS for `wss://` URLs.
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The TCP socket under a client WebSocket, plain or TLS.
+pub fn tcp(ws: &Ws) -> Option<&TcpStream> {
+    match ws.get_ref() {
+        MaybeTlsStream::Plain(tcp) => Some(tcp),
+        MaybeTlsStream::Rustls(tls) => Some(tls.get_ref().0),
+        _ => None,
+    }
+}
 
 /// How long a graceful close may take before the socket is just dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -65,6 +76,8 @@ pub struct ClientSpec {
     pub ts_field: String,
     /// Name of the sequence-number field in deliveries.
     pub seq_field: String,
+    /// Extra PEM roots for `wss://` URLs.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// The stage an attempt had reached when it timed out.
@@ -118,6 +131,12 @@ impl Failure {
     pub fn from_ws(error: tungstenite::Error) -> Failure {
         match error {
             tungstenite::Error::Http(response) => Failure::Http(response.status().as_u16()),
+            // rustls reports a refused certificate or a bad record this way.
+            tungstenite::Error::Io(error)
+                if error.kind() == std::io::ErrorKind::InvalidData && error.get_ref().is_some() =>
+            {
+                Failure::WebSocket(format!("tls {error}"))
+            }
             tungstenite::Error::Io(error) => Failure::Io(error.kind()),
             tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
                 Failure::Eof
@@ -196,6 +215,8 @@ pub struct Connector {
     subscribed_match: Vec<u8>,
     subscribe_error_match: Vec<u8>,
     ws_config: WebSocketConfig,
+    /// For `wss://` URLs.
+    tls: Option<TlsConnector>,
 }
 
 impl Connector {
@@ -209,12 +230,14 @@ impl Connector {
             let uri: Uri = url
                 .parse()
                 .with_context(|| format!("invalid URL {url:?}"))?;
-            if uri.scheme_str() != Some("ws") {
-                bail!("{url:?}: only ws:// URLs are supported (no TLS)");
-            }
+            let default_port = match uri.scheme_str() {
+                Some("ws") => 80,
+                Some("wss") => 443,
+                _ => bail!("{url:?}: use a ws:// or wss:// URL"),
+            };
             let host = uri.host().context("the URL has no host")?;
             let host = host.trim_start_matches('[').trim_end_matches(']');
-            let port = uri.port_u16().unwrap_or(80);
+            let port = uri.port_u16().unwrap_or(default_port);
             let address = tokio::net::lookup_host((host, port))
                 .await
                 .with_context(|| format!("resolving {host}"))?
@@ -245,6 +268,10 @@ impl Connector {
             subscribed_match: spec.subscribed_match.as_bytes().to_vec(),
             subscribe_error_match: spec.subscribe_error_match.as_bytes().to_vec(),
             ws_config: WebSocketConfig::default().read_buffer_size(READ_BUFFER_BYTES),
+            tls: match spec.urls.iter().any(|url| url.starts_with("wss:")) {
+                true => Some(tls_connector(spec.ca_file.as_deref())?),
+                false => None,
+            },
         })
     }
 
@@ -359,7 +386,7 @@ impl Connector {
         let request = self.request_url(index, &target.url)?;
         let (mut ws, _response) = timeout_at(
             deadline,
-            client_async_with_config(request, stream, Some(self.ws_config)),
+            client_async_tls_with_config(request, stream, Some(self.ws_config), self.tls.clone()),
         )
         .await
         .map_err(|_| Failure::Timeout(Stage::Handshake))?
@@ -470,6 +497,33 @@ impl Connector {
         }
         Ok(())
     }
+}
+
+/// A rustls client with the system's roots and the certificates of `ca_file`.
+fn tls_connector(ca_file: Option<&std::path::Path>) -> anyhow::Result<TlsConnector> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(certificate);
+    }
+    if let Some(path) = ca_file {
+        for certificate in CertificateDer::pem_file_iter(path)
+            .with_context(|| format!("reading --ca-file {}", path.display()))?
+        {
+            roots
+                .add(certificate.with_context(|| format!("--ca-file {}", path.display()))?)
+                .context("adding a --ca-file certificate")?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS versions")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(TlsConnector::Rustls(std::sync::Arc::new(config)))
 }
 
 /// The subscribe requests for `channels` from `template`: one per channel

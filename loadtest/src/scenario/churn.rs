@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::cli::{ChurnArgs, DropMode, GlobalArgs};
-use crate::client::{Connector, close, idle_until};
+use crate::client::{Connector, close, idle_until, tcp};
 use crate::group::{
     Command, Control, Counters, EstablishStats, Outcome, Plan as GroupPlan, Published, Report,
     Slice, ramp_slot,
@@ -435,7 +435,9 @@ async fn connect_and_close(
             "close handshake"
         }
         Ending::Drop(DropMode::Rst) => {
-            let _ = ws.get_ref().set_zero_linger();
+            if let Some(tcp) = tcp(&ws) {
+                let _ = tcp.set_zero_linger();
+            }
             drop(ws);
             "reset"
         }

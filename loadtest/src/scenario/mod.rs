@@ -52,6 +52,7 @@ pub fn client_spec(global: &GlobalArgs) -> anyhow::Result<ClientSpec> {
         subscribe_error_match: global.subscribe_error_match.clone(),
         ts_field: global.ts_field.clone(),
         seq_field: global.seq_field.clone(),
+        ca_file: global.ca_file.clone(),
     })
 }
 

@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::cli::{DropMode, GlobalArgs, StormArgs};
-use crate::client::{Connector, Failure, Session, Ws, close, idle_until};
+use crate::client::{Connector, Failure, Session, Ws, close, idle_until, tcp};
 use crate::group::{
     Command, Control, Counters, EstablishStats, Outcome, Plan as GroupPlan, Published, Report,
     Slice, instant_at, ramp_slot,
@@ -404,7 +404,9 @@ async fn storm_connection(
 fn abrupt_drop(ws: Ws, mode: DropMode) {
     if mode == DropMode::Rst {
         // SO_LINGER 0 makes the close send a reset; failing to set it leaves a FIN.
-        let _ = ws.get_ref().set_zero_linger();
+        if let Some(tcp) = tcp(&ws) {
+            let _ = tcp.set_zero_linger();
+        }
     }
     drop(ws);
 }
