@@ -18,9 +18,9 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use herald::config::{Config, SlowPolicy};
 use herald::hub::Hub;
 use herald::metrics::Metrics;
-use herald::outbox::{DeliveryPolicy, Outbox, QueueLimits};
 use herald::protocol::Opcode;
-use herald::write_batch::WriteBatch;
+use herald::session::outbox::{DeliveryPolicy, Outbox, QueueLimits};
+use herald::session::write_batch::WriteBatch;
 
 const PAYLOAD: &[u8] = br#"{"symbol":"AAPL","price":187.21,"volume":1200,"ts":1700000000123}"#;
 

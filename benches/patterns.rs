@@ -11,7 +11,7 @@ use herald::channel::Pattern;
 use herald::config::Config;
 use herald::hub::Hub;
 use herald::metrics::Metrics;
-use herald::outbox::{Outbox, QueueLimits};
+use herald::session::outbox::{Outbox, QueueLimits};
 
 const PATTERNS: usize = 10_000;
 const PAYLOAD: &[u8] = br#"{"price":187.21}"#;

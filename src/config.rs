@@ -1428,7 +1428,7 @@ mod tests {
         // Configuration is read by every component and depends on none of
         // them: building components belongs where the node is assembled.
         let source = include_str!("config.rs");
-        for component in ["auth", "admission", "broker", "server", "hub", "connection"] {
+        for component in ["auth", "transport", "broker", "session", "hub"] {
             let import = format!("crate::{component}");
             assert!(!source.contains(&import), "config.rs uses {import}");
         }

@@ -20,10 +20,10 @@ use tokio::io::{AsyncRead, ReadBuf};
 use crate::auth::{Authenticator, jwks, mint_hs256};
 use crate::channel::{self, Pattern, SubjectTemplate};
 use crate::config::{AuthConfig, Config, ConfigError, Secret};
-use crate::inbound::{FrameReader, Inbound, ReadError};
 use crate::protocol::{self, AUTH_SUBPROTOCOL_PREFIX, CloseCode, Request};
 use crate::rate::TokenBucket;
-use crate::server;
+use crate::session::inbound::{FrameReader, Inbound, ReadError};
+use crate::transport::server;
 
 /// The HMAC secret of the authenticator behind [`token`]. Corpus seeds with a
 /// valid signature are minted with it.

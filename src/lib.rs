@@ -5,47 +5,38 @@
 //!
 //! A tour of the crate, outside in:
 //! - [`config`]: typed, defaulted, validated configuration; the only reader of the environment.
-//! - [`server`]: the accept loop and HTTP routes; auth and admission before any upgrade.
-//! - [`auth`]: JWT to [`auth::Principal`]; pure.
-//! - [`connection`]: one WebSocket session, a reader and a writer around an [`outbox::Outbox`].
-//! - [`outbox`]: the bounded per-connection queue and its slow-consumer policies.
+//! - [`transport`]: the accept loop, TLS and the HTTP routes; auth and admission before any upgrade.
+//! - [`auth`]: JWT to [`auth::Principal`], with keys from a secret, a PEM file or a JWKS.
+//! - [`session`]: one WebSocket connection: the protocol state machine, the reader and writer
+//!   around a [`session::outbox::Outbox`], the frame reader and the write batch.
 //! - [`hub`]: channel to local subscribers; encodes each message once; drives broker interest.
 //! - [`broker`]: the [`broker::Broker`] trait and its implementations.
 //! - [`protocol`]: client requests, server frames, close and error codes; pure.
-//! - [`write_batch`]: the frames of one socket write, large payloads shared rather than copied; pure.
 //! - [`channel`]: channel names and glob patterns; pure.
 //! - [`metrics`]: the only module that touches prometheus.
 //! - [`shutdown`]: signals and the drain.
-//! - `demo`: the demo page, `/demo/token` and the demo price feed (`server.demo`).
+//! - [`history`] and [`presence`]: message history and recovery; who is subscribed.
 //!
 //! [`run`] takes a bound listener, a configuration and a shutdown future, so
 //! tests start nodes on `127.0.0.1:0` and stop them at will.
 
 #![forbid(unsafe_code)]
 
-mod admission;
 pub mod auth;
 pub mod broker;
 pub mod channel;
 pub mod config;
-mod connection;
-mod demo;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod history;
-mod http;
 pub mod hub;
-mod inbound;
 pub mod metrics;
-pub mod outbox;
 pub mod presence;
 pub mod protocol;
 mod rate;
-mod server;
-mod session;
+pub mod session;
 pub mod shutdown;
-pub mod tls;
-pub mod write_batch;
+pub mod transport;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -56,7 +47,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info};
 
-use crate::admission::Admission;
 use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::broker::memory::MemoryBroker;
@@ -64,7 +54,8 @@ use crate::broker::redis::RedisBroker;
 use crate::config::{BrokerKind, Config, ConfigError};
 use crate::hub::{ConnectionId, Hub};
 use crate::metrics::Metrics;
-use crate::outbox::Outbox;
+use crate::session::outbox::Outbox;
+use crate::transport::admission::Admission;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +92,7 @@ pub(crate) struct NodeState {
     /// Every HTTP connection and WebSocket session, for the drain.
     tracker: TaskTracker,
     /// The TLS acceptor, when `server.tls` is set.
-    tls: Option<Arc<tls::Tls>>,
+    tls: Option<Arc<transport::tls::Tls>>,
     /// One permit per open HTTP connection not yet upgraded
     /// (`server.max_http_connections`).
     http_slots: Arc<tokio::sync::Semaphore>,
@@ -122,7 +113,7 @@ pub fn check_config(config: &Config) -> Result<(), ConfigError> {
     Admission::from_config(config)?;
     crate::broker::redis::check_config(&config.broker)?;
     if let Some(tls) = &config.server.tls {
-        tls::Tls::new(tls, Metrics::new("check"))?;
+        transport::tls::Tls::new(tls, Metrics::new("check"))?;
     }
     Ok(())
 }
@@ -135,7 +126,7 @@ async fn start(config: Config) -> Result<Node, StartError> {
     auth.spawn_refresher(metrics.clone(), shutdown.clone());
     let tls = match &config.server.tls {
         Some(tls_config) => {
-            let tls = Arc::new(tls::Tls::new(tls_config, metrics.clone())?);
+            let tls = Arc::new(transport::tls::Tls::new(tls_config, metrics.clone())?);
             tokio::spawn(tls.clone().watch(shutdown.clone()));
             Some(tls)
         }
@@ -231,9 +222,10 @@ pub async fn run_with_hurry(
     async move {
         let node = start(config).await?;
         let address = listener.local_addr().ok();
-        let accept = tokio::spawn(server::accept_loop(listener, node.clone()).in_current_span());
+        let accept =
+            tokio::spawn(transport::server::accept_loop(listener, node.clone()).in_current_span());
         if node.config.server.demo_feed_enabled() {
-            tokio::spawn(demo::feed(node.clone()).in_current_span());
+            tokio::spawn(transport::demo::feed(node.clone()).in_current_span());
         }
         info!(?address, broker = ?node.config.broker.kind, "herald is listening");
         shutdown.await;

@@ -336,7 +336,7 @@ fn dev_config(
     let mut cert_file = None;
     if tls {
         let dir = std::env::temp_dir().join(format!("herald-dev-tls-{}", std::process::id()));
-        let (cert, key) = herald::tls::write_dev_certificate(&dir).map_err(|e| {
+        let (cert, key) = herald::transport::tls::write_dev_certificate(&dir).map_err(|e| {
             ConfigError::invalid("--tls", format!("cannot write a certificate: {e}"))
         })?;
         config.server.tls = Some(herald::config::TlsConfig::with_files(cert.clone(), key));

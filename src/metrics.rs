@@ -405,7 +405,7 @@ impl Metrics {
         for reason in HTTP_CONNECTION_ERRORS {
             inner.http_connection_errors.with_label_values(&[reason]);
         }
-        for failure in crate::tls::HandshakeFailure::ALL {
+        for failure in crate::transport::tls::HandshakeFailure::ALL {
             inner
                 .tls_handshake_failures
                 .with_label_values(&[failure.reason()]);

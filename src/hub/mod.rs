@@ -32,9 +32,9 @@ use crate::config::Config;
 use crate::history::cursor::{Cursor, Outcome, Sink};
 use crate::history::{HistoryRule, Since, Snapshot, Unrecoverable};
 use crate::metrics::Metrics;
-use crate::outbox::{ChannelKey, DeliveryPolicy, Outbox};
 use crate::presence::{Event, Members};
 use crate::protocol;
+use crate::session::outbox::{ChannelKey, DeliveryPolicy, Outbox};
 use patterns::Patterns;
 
 mod patterns;
@@ -1187,7 +1187,7 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::QueueLimits;
+    use crate::session::outbox::QueueLimits;
 
     fn outbox() -> Arc<Outbox> {
         Arc::new(Outbox::new(

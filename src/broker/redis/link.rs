@@ -1046,7 +1046,7 @@ fn jitter(base: Duration) -> Duration {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::outbox::{Outbox, QueueLimits};
+    use crate::session::outbox::{Outbox, QueueLimits};
 
     fn link(hub: Hub, metrics: Metrics) -> Arc<Link> {
         let common = Arc::new(Common {

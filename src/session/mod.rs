@@ -2,7 +2,12 @@
 //! reader decodes and the outbox the writer drains. It knows who the client is
 //! (its [`Principal`]) and what it subscribes to, answers every request, and
 //! runs the joins that recover history channels from a client's `since`.
-//! No I/O of its own: [`crate::connection`] owns the socket.
+//! No I/O of its own: [`crate::session::connection`] owns the socket.
+
+pub(crate) mod connection;
+pub(crate) mod inbound;
+pub mod outbox;
+pub mod write_batch;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -15,12 +20,12 @@ use crate::auth::{AuthError, Principal};
 use crate::channel::{self, Pattern};
 use crate::history::Since;
 use crate::hub::{ConnectionId, Join, JoinRead};
-use crate::outbox::{ChannelKey, Outbox};
 use crate::protocol::{
     self, ChannelError, CloseCode, ErrorCode, PresenceUser, ReplyError, ReplyPosition, Request,
     RequestId, ServerFrame,
 };
 use crate::rate::TokenBucket;
+use crate::session::outbox::{ChannelKey, Outbox};
 
 /// How many times a join reads the stream again when another join on the
 /// same channel moved the cursor past its first read.

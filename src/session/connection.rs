@@ -30,14 +30,14 @@ use tracing::{Instrument, debug, info_span};
 use crate::Node;
 use crate::auth::Principal;
 use crate::hub::ConnectionId;
-use crate::inbound::{FrameReader, Inbound, ReadError};
 use crate::metrics::Metrics;
-use crate::outbox::{Closing, Outbox, QueueLimits};
 use crate::protocol::{self, CloseCode, Opcode, ServerFrame};
 use crate::rate::TokenBucket;
 pub(crate) use crate::session::Mode;
 use crate::session::Session;
-use crate::write_batch::WriteBatch;
+use crate::session::inbound::{FrameReader, Inbound, ReadError};
+use crate::session::outbox::{Closing, Outbox, QueueLimits};
+use crate::session::write_batch::WriteBatch;
 
 /// How long the node waits for the client's answer to its close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -475,7 +475,7 @@ mod tests {
 
     use super::*;
     use crate::config::SlowPolicy;
-    use crate::outbox::DeliveryPolicy;
+    use crate::session::outbox::DeliveryPolicy;
 
     /// Reads one unmasked server frame: (opcode, payload).
     async fn read_server_frame(io: &mut (impl AsyncRead + Unpin)) -> (u8, Vec<u8>) {

@@ -1,6 +1,6 @@
 //! The accept loop and the HTTP surface: `/ws`, `/api/publish`, `/healthz`,
 //! `/readyz`, `/metrics`, and with `server.demo` the demo page's routes
-//! ([`crate::demo`]). Authentication and admission are decided here,
+//! ([`crate::transport::demo`]). Authentication and admission are decided here,
 //! before any socket is upgraded.
 
 use std::convert::Infallible;
@@ -24,14 +24,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::Node;
-use crate::admission::Refusal;
 use crate::auth::AuthError;
 use crate::channel;
 use crate::config::ServerConfig;
-use crate::connection::{self, Mode};
-use crate::demo;
-use crate::http::{self, Body};
 use crate::protocol::{AUTH_SUBPROTOCOL_PREFIX, SUBPROTOCOL};
+use crate::session::connection::{self, Mode};
+use crate::transport::admission::Refusal;
+use crate::transport::demo;
+use crate::transport::http::{self, Body};
 
 /// Accepts connections until shutdown, then drops the listener.
 pub(crate) async fn accept_loop(listener: TcpListener, node: Node) {

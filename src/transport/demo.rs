@@ -19,7 +19,7 @@ use tracing::debug;
 
 use crate::Node;
 use crate::auth::{sign_hs256, unix_now};
-use crate::http::{self, Body};
+use crate::transport::http::{self, Body};
 
 /// The channels a demo token may subscribe to: the page's stock board,
 /// notifications, chat room and shared counter.
@@ -71,25 +71,25 @@ const ASSETS: [Asset; 4] = [
     Asset {
         path: "/",
         content_type: "text/html; charset=utf-8",
-        body: include_bytes!("../clients/demo/index.html"),
+        body: include_bytes!("../../clients/demo/index.html"),
         shared: false,
     },
     Asset {
         path: "/app.js",
         content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("../clients/demo/app.js"),
+        body: include_bytes!("../../clients/demo/app.js"),
         shared: false,
     },
     Asset {
         path: "/style.css",
         content_type: "text/css; charset=utf-8",
-        body: include_bytes!("../clients/demo/style.css"),
+        body: include_bytes!("../../clients/demo/style.css"),
         shared: false,
     },
     Asset {
         path: "/herald.min.js",
         content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("../clients/js/dist/herald.min.js"),
+        body: include_bytes!("../../clients/js/dist/herald.min.js"),
         shared: true,
     },
 ];
