@@ -43,14 +43,7 @@ fn with(mut claims: Value, key: &str, value: Value) -> Value {
 
 /// Connects with `token` and expects a 401 whose `error` is `reason`.
 async fn check(node: &TestNode, token: &str, reason: &str) {
-    match Client::try_connect(&node.ws_url(token)).await {
-        Ok(_) => panic!("token accepted, expected {reason}"),
-        Err((status, body)) => {
-            assert_eq!(status, 401, "{body}");
-            assert_eq!(body["error"], reason, "{body}");
-            assert!(body["message"].is_string());
-        }
-    }
+    common::expect_unauthorized(node, token, reason).await;
 }
 
 #[tokio::test]

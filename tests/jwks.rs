@@ -162,23 +162,18 @@ async fn accepted(node: &TestNode, token: &str) {
 }
 
 async fn refused(node: &TestNode, token: &str, reason: &str) {
-    match Client::try_connect(&node.ws_url(token)).await {
-        Ok(_) => panic!("accepted, expected {reason}"),
-        Err((status, body)) => {
-            assert_eq!(status, 401, "{body}");
-            assert_eq!(body["error"], reason, "{body}");
-        }
-    }
+    common::expect_unauthorized(node, token, reason).await;
 }
 
 #[tokio::test]
 async fn a_rotated_in_key_is_accepted_at_once_and_a_removed_key_is_refused() {
     let keys = KeyServer::start(key_set(&["rsa-1"])).await;
     // A long interval: only an unknown kid can cause an early fetch.
-    let node = node(&keys.url, |c| {
-        c.auth.jwks_refresh_interval = Duration::from_secs(600);
-        c.auth.jwks_min_refresh_interval = Duration::from_millis(100);
-    })
+    let node = node_with_intervals(
+        &keys.url,
+        Duration::from_secs(600),
+        Duration::from_millis(100),
+    )
     .await;
     eventually_ready(&node, true).await;
     let mut client = Client::connect(&node.ws_url(&token("rsa-1", None))).await;
@@ -216,9 +211,14 @@ async fn a_rotated_in_key_is_accepted_at_once_and_a_removed_key_is_refused() {
 }
 
 async fn node_with_interval(url: &str, interval: Duration) -> TestNode {
+    node_with_intervals(url, interval, interval).await
+}
+
+/// `auth.jwks_refresh_interval` and `auth.jwks_min_refresh_interval`.
+async fn node_with_intervals(url: &str, refresh: Duration, min_refresh: Duration) -> TestNode {
     node(url, |c| {
-        c.auth.jwks_refresh_interval = interval;
-        c.auth.jwks_min_refresh_interval = interval;
+        c.auth.jwks_refresh_interval = refresh;
+        c.auth.jwks_min_refresh_interval = min_refresh;
     })
     .await
 }
@@ -315,11 +315,8 @@ async fn a_node_that_never_fetched_a_set_is_not_ready() {
 #[tokio::test]
 async fn a_flood_of_unknown_kids_makes_a_bounded_number_of_fetches() {
     let keys = KeyServer::start(key_set(&["ec-1"])).await;
-    let node = node(&keys.url, |c| {
-        c.auth.jwks_refresh_interval = Duration::from_secs(600);
-        c.auth.jwks_min_refresh_interval = Duration::from_secs(1);
-    })
-    .await;
+    let node =
+        node_with_intervals(&keys.url, Duration::from_secs(600), Duration::from_secs(1)).await;
     eventually_ready(&node, true).await;
     let started = tokio::time::Instant::now();
     let mut refusals = 0;

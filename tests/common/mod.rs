@@ -549,6 +549,19 @@ pub async fn read_messages_until(
     count
 }
 
+/// Connects with `token` and expects a 401 whose `error` is `reason`, with a
+/// message.
+pub async fn expect_unauthorized(node: &TestNode, token: &str, reason: &str) {
+    match Client::try_connect(&node.ws_url(token)).await {
+        Ok(_) => panic!("token accepted, expected {reason}"),
+        Err((status, body)) => {
+            assert_eq!(status, 401, "{body}");
+            assert_eq!(body["error"], reason, "{body}");
+            assert!(body["message"].is_string(), "{body}");
+        }
+    }
+}
+
 /// `GET /readyz`: (status, body).
 pub async fn readyz(node: &TestNode) -> (u16, String) {
     http(node.addr, "GET", "/readyz", &[], String::new()).await
