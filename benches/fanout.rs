@@ -136,6 +136,43 @@ fn hub_deliver(c: &mut Criterion) {
     group.finish();
 }
 
+/// One delivery to 10,000 subscribers' outboxes with `server.fanout_threads`
+/// 1 and 2: the parallel fan-out's speed-up (issue 13 asks at least 1.6x on
+/// two threads). Each iteration also drains what it pushed, as the writers
+/// would, outside the timed part.
+fn hub_deliver_threads(c: &mut Criterion) {
+    let mut group = c.benchmark_group("hub_deliver_10k_threads");
+    for threads in [1usize, 2] {
+        let mut config = Config::default();
+        config.server.fanout_threads = threads;
+        let hub = Hub::new(&config, Metrics::new("bench"), false);
+        let outboxes: Vec<Arc<Outbox>> = (0..10_000).map(|_| outbox()).collect();
+        for (id, outbox) in outboxes.iter().enumerate() {
+            hub.subscribe(id as u64, outbox, "prices.AAPL");
+        }
+        group.throughput(criterion::Throughput::Elements(10_000));
+        group.bench_with_input(BenchmarkId::from_parameter(threads), &threads, |b, _| {
+            b.iter_custom(|iterations| {
+                let mut spent = Duration::ZERO;
+                let mut frames = Vec::new();
+                for done in 0..iterations {
+                    let started = Instant::now();
+                    hub.deliver("prices.AAPL", PAYLOAD);
+                    spent += started.elapsed();
+                    if done % 8 == 7 {
+                        for outbox in &outboxes {
+                            frames.clear();
+                            outbox.drain(&mut frames, usize::MAX, tokio::time::Instant::now());
+                        }
+                    }
+                }
+                spent
+            })
+        });
+    }
+    group.finish();
+}
+
 /// A subscribe to, and unsubscribe from, a channel while 10,000-subscriber
 /// deliveries to that same channel run back to back on another thread.
 fn subscribe_during_fanout(c: &mut Criterion) {
@@ -242,6 +279,6 @@ fn writer_batches(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = encode, outbox_push_and_drain, conflate_behind_a_backlog, hub_deliver, subscribe_during_fanout, writer_batches
+    targets = encode, outbox_push_and_drain, conflate_behind_a_backlog, hub_deliver, hub_deliver_threads, subscribe_during_fanout, writer_batches
 }
 criterion_main!(benches);

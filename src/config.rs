@@ -169,6 +169,10 @@ pub struct ServerConfig {
     /// throughput on long, fast links is not either. 0 leaves the kernel's
     /// default (`net.ipv4.tcp_notsent_lowat`, no limit unless set).
     pub max_unsent_bytes: usize,
+    /// Threads a delivery to many local subscribers (2,048 or more) is split
+    /// across; 0 means one per core, 1 keeps every delivery on the thread
+    /// that received the message.
+    pub fanout_threads: usize,
     /// Native TLS: when set, the listener serves HTTPS and `wss://` only.
     pub tls: Option<TlsConfig>,
     /// Serve the live demo page at `/` and mint demo tokens at `/demo/token`.
@@ -264,6 +268,7 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             send_buffer_bytes: 0,
             max_unsent_bytes: 16 * 1024,
+            fanout_threads: 0,
             tls: None,
             demo: None,
             demo_feed: None,
@@ -983,6 +988,12 @@ impl Config {
         at_least("auth.max_token_bytes", self.auth.max_token_bytes, 64)?;
         at_least("auth.jwks_max_bytes", self.auth.jwks_max_bytes, 256)?;
         at_least("limits.max_connections", self.limits.max_connections, 1)?;
+        if self.server.fanout_threads > 256 {
+            return Err(ConfigError::invalid(
+                "server.fanout_threads",
+                "must be at most 256 (0 means one per core)",
+            ));
+        }
         at_least("presence.max_users", self.presence.max_users, 1)?;
         at_least(
             "server.max_http_connections",

@@ -37,6 +37,7 @@ use crate::protocol;
 use crate::session::outbox::{ChannelKey, DeliveryPolicy, Outbox};
 use patterns::Patterns;
 
+mod fanout;
 mod patterns;
 
 /// A connection's id, unique within a node.
@@ -93,6 +94,8 @@ struct Shared {
     unsequenced_logged_ms: AtomicU64,
     started: std::time::Instant,
     metrics: Metrics,
+    /// Spreads large deliveries over `server.fanout_threads`.
+    fanout: fanout::FanOut,
 }
 
 struct ChannelEntry {
@@ -185,6 +188,7 @@ impl Hub {
                 unsequenced_logged_ms: AtomicU64::new(0),
                 started: std::time::Instant::now(),
                 metrics,
+                fanout: fanout::FanOut::new(config.server.fanout_threads),
             }),
         }
     }
@@ -318,11 +322,7 @@ impl Hub {
             Event::Leave(user) => protocol::ServerFrame::Leave { channel, user },
         }
         .encode();
-        for subscriber in subscribers.iter() {
-            subscriber
-                .outbox
-                .push_message(&frame, subscriber.key, &policy);
-        }
+        self.shared.fanout.push(&subscribers, &frame, &policy);
         subscribers.len()
     }
 
@@ -564,11 +564,7 @@ impl Hub {
             return 0;
         }
         let frame: Bytes = protocol::encode_message(channel, payload);
-        for subscriber in subscribers.iter() {
-            subscriber
-                .outbox
-                .push_message(&frame, subscriber.key, &policy);
-        }
+        self.shared.fanout.push(&subscribers, &frame, &policy);
         subscribers.len()
     }
 
@@ -634,11 +630,7 @@ impl Hub {
             (entry.subscribers.clone(), entry.policy)
         };
         let frame: Bytes = protocol::encode_message(channel, payload);
-        for subscriber in subscribers.iter() {
-            subscriber
-                .outbox
-                .push_message(&frame, subscriber.key, &policy);
-        }
+        self.shared.fanout.push(&subscribers, &frame, &policy);
         subscribers.len()
     }
 
@@ -1142,11 +1134,10 @@ impl Sink for HubSink<'_> {
             return;
         }
         let frame = protocol::encode_sequenced(self.channel, payload, offset, epoch);
-        for subscriber in subscribers.iter() {
-            subscriber
-                .outbox
-                .push_message(&frame, subscriber.key, &self.policy);
-        }
+        self.hub
+            .shared
+            .fanout
+            .push(&subscribers, &frame, &self.policy);
     }
 
     fn gap(&mut self) {
@@ -1231,6 +1222,42 @@ mod tests {
             fb[0].as_ptr(),
             "one allocation shared by both"
         );
+    }
+
+    #[test]
+    fn a_parallel_fan_out_keeps_every_connection_in_order() {
+        let mut config = Config::default();
+        config.server.fanout_threads = 4;
+        let hub = Hub::new(&config, Metrics::new("test"), false);
+        let outboxes: Vec<Arc<Outbox>> = (0..fanout::PARALLEL_MIN_SUBSCRIBERS as u64 + 7)
+            .map(|id| {
+                let outbox = Arc::new(Outbox::new(
+                    QueueLimits {
+                        messages: 1024,
+                        bytes: 1 << 20,
+                    },
+                    u64::MAX,
+                    Metrics::new("test"),
+                ));
+                hub.subscribe(id, &outbox, "news");
+                outbox
+            })
+            .collect();
+        let messages = 50;
+        for seq in 0..messages {
+            assert_eq!(
+                hub.deliver("news", format!("{seq}").as_bytes()),
+                outboxes.len()
+            );
+        }
+        let expected: Vec<Bytes> = (0..messages)
+            .map(|seq| protocol::encode_message("news", format!("{seq}").as_bytes()))
+            .collect();
+        for outbox in &outboxes {
+            let mut frames = Vec::new();
+            outbox.drain(&mut frames, usize::MAX, tokio::time::Instant::now());
+            assert_eq!(frames, expected);
+        }
     }
 
     #[test]
