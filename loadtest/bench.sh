@@ -236,10 +236,11 @@ sample() {
 
 case "$scenario" in
 memory)
-    # Figure 1: memory per idle subscribed connection at 10k connections.
+    # Figure 1: memory per idle subscribed connection at 10k connections,
+    # CHANNELS_PER_CONN channels each (default 1).
     start_nodes 1
     tool connect "${URLS[@]}" --secret $SECRET "${PIDFLAGS[@]}" --source-ips 2 \
-        --connections 10000 --rate 2000 --channels-per-conn 1 --channel-count 100 --hold 5s \
+        --connections 10000 --rate 2000 --channels-per-conn "${CHANNELS_PER_CONN:-1}" --channel-count 100 --hold 5s \
         --json "$OUT/memory.json"
     ;;
 handshakes)

@@ -135,19 +135,26 @@ impl Session {
             .push_reply(ServerFrame::Error { id, code, message }.encode());
     }
 
+    /// The requests that wait (on Redis, a join, the JWKS) run boxed: the
+    /// reader task's future, which every connection holds for life, then
+    /// keeps a pointer for them instead of room for the largest one.
     async fn handle(&mut self, request: Request) {
         match request {
             Request::Subscribe {
                 id,
                 channels,
                 since,
-            } => self.subscribe(id, channels, since).await,
+            } => Box::pin(self.subscribe(id, channels, since)).await,
             Request::Unsubscribe { id, channels } => self.unsubscribe(id, channels),
             Request::Ping { id } => self.outbox.push_reply(ServerFrame::Pong { id }.encode()),
-            Request::Refresh { id, token } => self.refresh(id, &token).await,
-            Request::Publish { id, channel, data } => self.publish(id, channel, data).await,
-            Request::Presence { id, channel } => self.presence(id, &channel, false).await,
-            Request::PresenceCount { id, channel } => self.presence(id, &channel, true).await,
+            Request::Refresh { id, token } => Box::pin(self.refresh(id, &token)).await,
+            Request::Publish { id, channel, data } => {
+                Box::pin(self.publish(id, channel, data)).await
+            }
+            Request::Presence { id, channel } => Box::pin(self.presence(id, &channel, false)).await,
+            Request::PresenceCount { id, channel } => {
+                Box::pin(self.presence(id, &channel, true)).await
+            }
         }
     }
 
