@@ -102,35 +102,48 @@ fn conflate_behind_a_backlog(c: &mut Criterion) {
     });
 }
 
+/// A hub with `subscribers` outboxes on one channel.
+fn hub_with(config: &Config, subscribers: usize) -> (Hub, Vec<Arc<Outbox>>) {
+    let hub = Hub::new(config, Metrics::new("bench"), false);
+    let outboxes: Vec<Arc<Outbox>> = (0..subscribers).map(|_| outbox()).collect();
+    for (id, outbox) in outboxes.iter().enumerate() {
+        hub.subscribe(id as u64, outbox, "prices.AAPL");
+    }
+    (hub, outboxes)
+}
+
+/// Times `iterations` deliveries, draining every outbox after each
+/// `drain_every` of them, as the writers would, outside the timed part.
+fn timed_deliveries(
+    hub: &Hub,
+    outboxes: &[Arc<Outbox>],
+    iterations: u64,
+    drain_every: u64,
+) -> Duration {
+    let mut spent = Duration::ZERO;
+    let mut frames = Vec::new();
+    for done in 0..iterations {
+        let started = Instant::now();
+        hub.deliver("prices.AAPL", PAYLOAD);
+        spent += started.elapsed();
+        if done % drain_every == drain_every - 1 {
+            for outbox in outboxes {
+                frames.clear();
+                outbox.drain(&mut frames, usize::MAX, tokio::time::Instant::now());
+            }
+        }
+    }
+    spent
+}
+
 fn hub_deliver(c: &mut Criterion) {
     let mut group = c.benchmark_group("hub_deliver");
     for subscribers in [1usize, 1_000, 10_000] {
-        let hub = Hub::new(&Config::default(), Metrics::new("bench"), false);
-        let outboxes: Vec<Arc<Outbox>> = (0..subscribers).map(|_| outbox()).collect();
-        for (id, outbox) in outboxes.iter().enumerate() {
-            hub.subscribe(id as u64, outbox, "prices.AAPL");
-        }
+        let (hub, outboxes) = hub_with(&Config::default(), subscribers);
         group.bench_with_input(
             BenchmarkId::from_parameter(subscribers),
             &subscribers,
-            |b, _| {
-                b.iter_custom(|iterations| {
-                    let mut spent = Duration::ZERO;
-                    let mut frames = Vec::new();
-                    for done in 0..iterations {
-                        let started = Instant::now();
-                        hub.deliver("prices.AAPL", PAYLOAD);
-                        spent += started.elapsed();
-                        if done % 64 == 63 {
-                            for outbox in &outboxes {
-                                frames.clear();
-                                outbox.drain(&mut frames, usize::MAX, tokio::time::Instant::now());
-                            }
-                        }
-                    }
-                    spent
-                })
-            },
+            |b, _| b.iter_custom(|iterations| timed_deliveries(&hub, &outboxes, iterations, 64)),
         );
     }
     group.finish();
@@ -138,36 +151,16 @@ fn hub_deliver(c: &mut Criterion) {
 
 /// One delivery to 10,000 subscribers' outboxes with `server.fanout_threads`
 /// 1 and 2: the parallel fan-out's speed-up (issue 13 asks at least 1.6x on
-/// two threads). Each iteration also drains what it pushed, as the writers
-/// would, outside the timed part.
+/// two threads).
 fn hub_deliver_threads(c: &mut Criterion) {
     let mut group = c.benchmark_group("hub_deliver_10k_threads");
     for threads in [1usize, 2] {
         let mut config = Config::default();
         config.server.fanout_threads = threads;
-        let hub = Hub::new(&config, Metrics::new("bench"), false);
-        let outboxes: Vec<Arc<Outbox>> = (0..10_000).map(|_| outbox()).collect();
-        for (id, outbox) in outboxes.iter().enumerate() {
-            hub.subscribe(id as u64, outbox, "prices.AAPL");
-        }
+        let (hub, outboxes) = hub_with(&config, 10_000);
         group.throughput(criterion::Throughput::Elements(10_000));
         group.bench_with_input(BenchmarkId::from_parameter(threads), &threads, |b, _| {
-            b.iter_custom(|iterations| {
-                let mut spent = Duration::ZERO;
-                let mut frames = Vec::new();
-                for done in 0..iterations {
-                    let started = Instant::now();
-                    hub.deliver("prices.AAPL", PAYLOAD);
-                    spent += started.elapsed();
-                    if done % 8 == 7 {
-                        for outbox in &outboxes {
-                            frames.clear();
-                            outbox.drain(&mut frames, usize::MAX, tokio::time::Instant::now());
-                        }
-                    }
-                }
-                spent
-            })
+            b.iter_custom(|iterations| timed_deliveries(&hub, &outboxes, iterations, 8))
         });
     }
     group.finish();

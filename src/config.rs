@@ -173,6 +173,10 @@ pub struct ServerConfig {
     /// across; 0 means one per core, 1 keeps every delivery on the thread
     /// that received the message.
     pub fanout_threads: usize,
+    /// On plain TCP, a message for a connection whose writer is idle and
+    /// whose queue is empty is written at once by the fan-out, with one
+    /// non-blocking write, instead of waking the writer.
+    pub direct_delivery: bool,
     /// Native TLS: when set, the listener serves HTTPS and `wss://` only.
     pub tls: Option<TlsConfig>,
     /// Serve the live demo page at `/` and mint demo tokens at `/demo/token`.
@@ -269,6 +273,7 @@ impl Default for ServerConfig {
             send_buffer_bytes: 0,
             max_unsent_bytes: 16 * 1024,
             fanout_threads: 0,
+            direct_delivery: true,
             tls: None,
             demo: None,
             demo_feed: None,

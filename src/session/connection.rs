@@ -71,8 +71,12 @@ pub(crate) async fn serve(
             }
         };
         match split(upgraded) {
-            Split::Tcp(reader, writer) => run(node, id, principal, mode, reader, writer).await,
-            Split::Other(reader, writer) => run(node, id, principal, mode, reader, writer).await,
+            Split::Tcp(reader, writer, socket) => {
+                run(node, id, principal, mode, reader, writer, Some(socket)).await
+            }
+            Split::Other(reader, writer) => {
+                run(node, id, principal, mode, reader, writer, None).await
+            }
         }
     }
     .instrument(span)
@@ -80,10 +84,12 @@ pub(crate) async fn serve(
 }
 
 enum Split {
-    /// The plain TCP case: owned halves, no lock between reader and writer.
+    /// The plain TCP case: the socket shared by the reader, the writer and
+    /// the outbox (direct delivery), no lock between them.
     Tcp(
-        tokio::io::Chain<std::io::Cursor<Bytes>, tokio::net::tcp::OwnedReadHalf>,
-        tokio::net::tcp::OwnedWriteHalf,
+        tokio::io::Chain<std::io::Cursor<Bytes>, SharedTcp>,
+        SharedTcp,
+        Arc<TcpStream>,
     ),
     /// Any other transport (TLS later): a locked split.
     Other(
@@ -92,15 +98,97 @@ enum Split {
     ),
 }
 
+/// A TCP socket shared between the reader, the writer and direct delivery:
+/// reads and writes go through readiness and non-blocking calls on
+/// `&TcpStream`, so no half needs to own it. The outbox's protocol
+/// ([`Outbox::park`]) ensures that the writer and a push never write at once.
+pub(crate) struct SharedTcp(Arc<TcpStream>);
+
+impl AsyncRead for SharedTcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        loop {
+            std::task::ready!(self.0.poll_read_ready(cx))?;
+            match self.0.try_read(buf.initialize_unfilled()) {
+                Ok(read) => {
+                    buf.advance(read);
+                    return std::task::Poll::Ready(Ok(()));
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(error) => return std::task::Poll::Ready(Err(error)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SharedTcp {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        loop {
+            std::task::ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write(buf) {
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+                result => return std::task::Poll::Ready(result),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        loop {
+            std::task::ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write_vectored(bufs) {
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+                result => return std::task::Poll::Ready(result),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let result = socket2::SockRef::from(&*self.0).shutdown(std::net::Shutdown::Write);
+        std::task::Poll::Ready(match result {
+            Err(error) if error.kind() == std::io::ErrorKind::NotConnected => Ok(()),
+            other => other,
+        })
+    }
+}
+
 fn split(upgraded: Upgraded) -> Split {
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
-            let (read, write) = parts.io.into_inner().into_split();
+            let socket = Arc::new(parts.io.into_inner());
             // Bytes the client sent right behind its handshake come first. They
             // are copied out: the slice would otherwise keep hyper's whole read
             // buffer alive for the life of the connection.
             let early = Bytes::copy_from_slice(&parts.read_buf);
-            Split::Tcp(std::io::Cursor::new(early).chain(read), write)
+            Split::Tcp(
+                std::io::Cursor::new(early).chain(SharedTcp(socket.clone())),
+                SharedTcp(socket.clone()),
+                socket,
+            )
         }
         Err(upgraded) => {
             let (read, write) = tokio::io::split(TokioIo::new(upgraded));
@@ -116,6 +204,7 @@ async fn run<R, W>(
     mode: Mode,
     reader: R,
     writer: W,
+    socket: Option<Arc<TcpStream>>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -141,6 +230,9 @@ async fn run<R, W>(
             }
             .encode(),
         );
+    }
+    if let Some(socket) = socket.filter(|_| node.config.server.direct_delivery) {
+        outbox.attach_socket(socket);
     }
     let open = OpenConnection::new(&node.metrics);
     let _registered = Registered::new(&node, id, &outbox);
@@ -197,6 +289,9 @@ async fn run<R, W>(
         }
     };
     drop(session);
+    // The hub may still hold the outbox for a moment; the socket must not
+    // wait for it to close.
+    outbox.detach_socket();
     debug!(reason, "closed");
     open.close(reason);
 }
@@ -333,8 +428,8 @@ where
             outbox.close(CloseCode::GoingAway);
         }
         let now = Instant::now();
-        if now >= next_ping {
-            batch.push_copied(Opcode::Ping, b"");
+        let ping = now >= next_ping;
+        if ping {
             if awaiting_pong.is_none() {
                 awaiting_pong = Some((now, now + settings.ping_timeout));
             }
@@ -351,7 +446,15 @@ where
         if now >= expiry {
             outbox.close(CloseCode::TokenExpired);
         }
-        let drained = outbox.drain(&mut frames, MAX_BATCH_BYTES, now);
+        let mut drained = outbox.drain(&mut frames, MAX_BATCH_BYTES, now);
+        // The rest of a frame a push began writing goes first: nothing may
+        // come between its bytes, a control frame no more than another.
+        if let Some(partial) = drained.partial.take() {
+            batch.push_raw(partial);
+        }
+        if ping {
+            batch.push_copied(Opcode::Ping, b"");
+        }
         for payload in &drained.pongs {
             batch.push_copied(Opcode::Pong, payload);
         }
@@ -409,6 +512,8 @@ where
             timer.as_mut().reset(deadline);
         }
         timer_fired = false;
+        // From here until the next drain, pushes may write on the spot.
+        outbox.park();
         tokio::select! {
             biased;
             _ = &mut cancelled, if !shutting_down => {

@@ -19,13 +19,18 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::io::IoSlice;
+use std::sync::Arc;
+
 use bytes::Bytes;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::SlowPolicy;
 use crate::metrics::Metrics;
-use crate::protocol::CloseCode;
+use crate::protocol::{CloseCode, Opcode};
+use crate::session::write_batch::{MAX_HEADER_BYTES, frame_header};
 
 /// Identifies a channel within a node (assigned by the hub), so that the
 /// outbox can conflate and rate-limit per channel without comparing names.
@@ -67,6 +72,9 @@ pub enum Closing {
 /// What the writer takes out of the outbox in one go.
 #[derive(Debug, Default)]
 pub struct Drained {
+    /// The rest of a frame a push started writing on the spot: raw bytes,
+    /// to be written before anything else.
+    pub partial: Option<Bytes>,
     /// The drained frames are binary messages (only echo sessions queue
     /// them); otherwise text. One drain never mixes the two.
     pub binary: bool,
@@ -120,6 +128,16 @@ struct State {
     /// `drop_oldest` messages queued, so that a full queue without any does
     /// not scan for one.
     drop_oldest_queued: usize,
+    /// Direct delivery (plain TCP only): the connection's socket, while it is
+    /// open.
+    socket: Option<Arc<TcpStream>>,
+    /// The writer waits with nothing to write, pending or partly written:
+    /// until its next drain, a message pushed into the empty queue is
+    /// written on the spot by the pushing thread.
+    writer_idle: bool,
+    /// What the socket did not take of a frame written on the spot: the
+    /// writer writes it before anything else.
+    partial: Option<Bytes>,
 }
 
 impl State {
@@ -178,6 +196,9 @@ impl Outbox {
                 popped: 0,
                 conflated: VecDeque::new(),
                 drop_oldest_queued: 0,
+                socket: None,
+                writer_idle: false,
+                partial: None,
             }),
             notify: Notify::new(),
             last_activity_ms: AtomicU64::new(0),
@@ -227,7 +248,55 @@ impl Outbox {
                 }),
             }
         }
+        if state.writer_idle && state.queue.is_empty() {
+            if let Some(socket) = &state.socket {
+                match write_now(socket, frame) {
+                    Direct::Written => {
+                        drop(state);
+                        self.metrics.frames_delivered(1);
+                        return;
+                    }
+                    Direct::Partly(rest) => {
+                        state.partial = Some(rest);
+                        state.writer_idle = false;
+                        drop(state);
+                        self.metrics.frames_delivered(1);
+                        self.notify.notify_one();
+                        return;
+                    }
+                    // Full, or failing: the writer takes over, and meets the
+                    // error itself if there is one.
+                    Direct::NotWritten => state.writer_idle = false,
+                }
+            }
+        }
         self.enqueue(&mut state, frame.clone(), channel, policy.slow);
+    }
+
+    /// Lets pushes write channel messages to `socket` themselves while the
+    /// writer is idle ([`Outbox::park`]). Plain TCP only: a TLS session's
+    /// state belongs to its writer.
+    pub fn attach_socket(&self, socket: Arc<TcpStream>) {
+        self.lock().socket = Some(socket);
+    }
+
+    /// Ends direct delivery, so that the socket closes with the connection.
+    pub fn detach_socket(&self) {
+        let mut state = self.lock();
+        state.socket = None;
+        state.writer_idle = false;
+    }
+
+    /// The writer is about to wait, with everything written: until its next
+    /// [`Outbox::drain`], a message pushed into the empty queue may be
+    /// written at once by the pushing thread.
+    pub fn park(&self) {
+        let mut state = self.lock();
+        state.writer_idle = state.socket.is_some()
+            && state.queue.is_empty()
+            && state.pongs.is_empty()
+            && state.partial.is_none()
+            && state.closing.is_none();
     }
 
     fn enqueue(&self, state: &mut State, frame: Bytes, channel: ChannelKey, slow: SlowPolicy) {
@@ -411,6 +480,8 @@ impl Outbox {
             state.pongs.pop_front();
         }
         state.pongs.push_back(payload);
+        // A pong never waits behind a message written on the spot.
+        state.writer_idle = false;
         drop(state);
         self.notify.notify_one();
     }
@@ -454,8 +525,11 @@ impl Outbox {
     /// lock per call: this is the writer's whole view of the outbox.
     pub fn drain(&self, frames: &mut Vec<Bytes>, max_bytes: usize, now: Instant) -> Drained {
         let mut state = self.lock();
+        // The writer is busy from here on: nothing is written past it.
+        state.writer_idle = false;
         let next_release = self.release_due(&mut state, now);
         let mut drained = Drained {
+            partial: state.partial.take(),
             pongs: std::mem::take(&mut state.pongs),
             next_release,
             ..Drained::default()
@@ -540,6 +614,33 @@ impl Outbox {
     }
 }
 
+/// What a write on the spot did.
+enum Direct {
+    Written,
+    /// Part of it went out; this is the rest.
+    Partly(Bytes),
+    /// Nothing went out (the socket is full, or failing).
+    NotWritten,
+}
+
+/// Writes `frame` as a text frame with one non-blocking vectored write.
+fn write_now(socket: &TcpStream, frame: &Bytes) -> Direct {
+    let mut header = [0u8; MAX_HEADER_BYTES];
+    let used = frame_header(&mut header, Opcode::Text, frame.len());
+    let total = used + frame.len();
+    match socket.try_write_vectored(&[IoSlice::new(&header[..used]), IoSlice::new(frame)]) {
+        Ok(written) if written == total => Direct::Written,
+        Ok(written) if written >= used => Direct::Partly(frame.slice(written - used..)),
+        Ok(written) => {
+            let mut rest = Vec::with_capacity(total - written);
+            rest.extend_from_slice(&header[written..used]);
+            rest.extend_from_slice(frame);
+            Direct::Partly(Bytes::from(rest))
+        }
+        Err(_) => Direct::NotWritten,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -563,6 +664,84 @@ mod tests {
         let mut frames = Vec::new();
         let drained = outbox.drain(&mut frames, usize::MAX, Instant::now());
         (frames, drained)
+    }
+
+    /// A connected pair on loopback: the server's end, shared as the
+    /// connection shares it, and the client's.
+    async fn socket_pair() -> (Arc<TcpStream>, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (Arc::new(server), client)
+    }
+
+    fn text_frame(payload: &[u8]) -> Vec<u8> {
+        let mut frame = Vec::new();
+        crate::protocol::write_frame(&mut frame, Opcode::Text, payload);
+        frame
+    }
+
+    #[tokio::test]
+    async fn a_push_to_an_idle_writer_is_written_on_the_spot() {
+        use tokio::io::AsyncReadExt;
+        let (server, mut client) = socket_pair().await;
+        let outbox = outbox(16, 1 << 20);
+        outbox.attach_socket(server);
+        let message = Bytes::from_static(b"{\"type\":\"message\"}");
+        // A busy writer (not parked): queued for it.
+        outbox.push_message(&message, 1, &policy(SlowPolicy::Disconnect));
+        let (frames, _) = drain_all(&outbox);
+        assert_eq!(frames, vec![message.clone()]);
+        // An idle writer: on the wire at once, nothing queued.
+        outbox.park();
+        outbox.push_message(&message, 1, &policy(SlowPolicy::Disconnect));
+        let expected = text_frame(&message);
+        let mut received = vec![0u8; expected.len()];
+        client.read_exact(&mut received).await.unwrap();
+        assert_eq!(received, expected);
+        let (frames, drained) = drain_all(&outbox);
+        assert!(frames.is_empty() && drained.partial.is_none());
+        // The drain made the writer busy again: the next push is queued.
+        outbox.push_message(&message, 1, &policy(SlowPolicy::Disconnect));
+        assert_eq!(drain_all(&outbox).0, vec![message.clone()]);
+        // Nothing is written past a pending pong or a close.
+        outbox.park();
+        outbox.pong(Bytes::new());
+        outbox.push_message(&message, 1, &policy(SlowPolicy::Disconnect));
+        assert_eq!(drain_all(&outbox).0, vec![message.clone()]);
+        outbox.detach_socket();
+        outbox.park();
+        outbox.push_message(&message, 1, &policy(SlowPolicy::Disconnect));
+        assert_eq!(drain_all(&outbox).0, vec![message]);
+    }
+
+    #[tokio::test]
+    async fn the_rest_of_a_partly_written_frame_goes_first() {
+        use tokio::io::AsyncReadExt;
+        let (server, mut client) = socket_pair().await;
+        socket2::SockRef::from(&*server)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let outbox = outbox(16, 16 << 20);
+        outbox.attach_socket(server);
+        // Larger than anything loopback buffers take without a reader.
+        let message = Bytes::from(vec![b'x'; 8 << 20]);
+        outbox.park();
+        outbox.push_message(&message, 1, &policy(SlowPolicy::Disconnect));
+        let next = Bytes::from_static(b"next");
+        outbox.push_message(&next, 1, &policy(SlowPolicy::Disconnect));
+        let (frames, drained) = drain_all(&outbox);
+        let rest = drained.partial.expect("the socket took part of it");
+        let expected = text_frame(&message);
+        assert!(rest.len() < expected.len());
+        assert_eq!(&rest[..], &expected[expected.len() - rest.len()..]);
+        // The next message waited in the queue, behind the rest.
+        assert_eq!(frames, vec![next]);
+        let mut received = vec![0u8; expected.len() - rest.len()];
+        client.read_exact(&mut received).await.unwrap();
+        assert_eq!(received, expected[..received.len()]);
     }
 
     #[test]

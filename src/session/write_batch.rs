@@ -35,6 +35,27 @@ const KEPT_INLINE_BYTES: usize = 1024;
 /// large message needs one).
 const KEPT_SHARED_ENTRIES: usize = 4;
 
+/// The longest frame header a server writes.
+pub const MAX_HEADER_BYTES: usize = 10;
+
+/// Writes an unmasked, unfragmented frame header (RFC 6455 5.2), as
+/// `protocol::write_frame` writes it, into `out`; returns its length.
+pub fn frame_header(out: &mut [u8; MAX_HEADER_BYTES], opcode: Opcode, payload_len: usize) -> usize {
+    out[0] = 0x80 | opcode as u8;
+    if payload_len < 126 {
+        out[1] = payload_len as u8;
+        2
+    } else if payload_len <= u16::MAX as usize {
+        out[1] = 126;
+        out[2..4].copy_from_slice(&(payload_len as u16).to_be_bytes());
+        4
+    } else {
+        out[1] = 127;
+        out[2..10].copy_from_slice(&(payload_len as u64).to_be_bytes());
+        10
+    }
+}
+
 /// One batch of server frames, written in order, and how much of it has been
 /// written.
 #[derive(Debug, Default)]
@@ -73,23 +94,22 @@ impl WriteBatch {
         self.len += payload.len();
     }
 
-    /// An unmasked, unfragmented frame header (RFC 6455 5.2), as
-    /// `protocol::write_frame` writes it.
-    fn push_header(&mut self, opcode: Opcode, payload_len: usize) {
-        let before = self.inline.len();
-        self.inline.push(0x80 | opcode as u8);
-        if payload_len < 126 {
-            self.inline.push(payload_len as u8);
-        } else if payload_len <= u16::MAX as usize {
-            self.inline.push(126);
-            self.inline
-                .extend_from_slice(&(payload_len as u16).to_be_bytes());
+    /// Appends bytes that are already framed: the rest of a frame that
+    /// direct delivery started writing. They must come first in a batch.
+    pub fn push_raw(&mut self, bytes: Bytes) {
+        self.len += bytes.len();
+        if bytes.len() < SHARED_PAYLOAD_BYTES {
+            self.inline.extend_from_slice(&bytes);
         } else {
-            self.inline.push(127);
-            self.inline
-                .extend_from_slice(&(payload_len as u64).to_be_bytes());
+            self.shared.push((self.inline.len(), bytes));
         }
-        self.len += self.inline.len() - before;
+    }
+
+    fn push_header(&mut self, opcode: Opcode, payload_len: usize) {
+        let mut header = [0u8; MAX_HEADER_BYTES];
+        let used = frame_header(&mut header, opcode, payload_len);
+        self.inline.extend_from_slice(&header[..used]);
+        self.len += used;
     }
 
     /// Whether nothing is left to write.
