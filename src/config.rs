@@ -175,7 +175,10 @@ pub struct ServerConfig {
     pub fanout_threads: usize,
     /// On plain TCP, a message for a connection whose writer is idle and
     /// whose queue is empty is written at once by the fan-out, with one
-    /// non-blocking write, instead of waking the writer.
+    /// non-blocking write, instead of waking the writer. Off by default: it
+    /// moves every write onto the publishing path, which under a slow-client
+    /// attack on a saturated core made healthy clients' p99 20 times worse
+    /// (BENCHMARKS.md, figure 10).
     pub direct_delivery: bool,
     /// Native TLS: when set, the listener serves HTTPS and `wss://` only.
     pub tls: Option<TlsConfig>,
@@ -273,7 +276,7 @@ impl Default for ServerConfig {
             send_buffer_bytes: 0,
             max_unsent_bytes: 16 * 1024,
             fanout_threads: 0,
-            direct_delivery: true,
+            direct_delivery: false,
             tls: None,
             demo: None,
             demo_feed: None,

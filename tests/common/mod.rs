@@ -37,6 +37,8 @@ pub fn test_config() -> Config {
     // Every test client comes from 127.0.0.1; the per-address attempt limit
     // has its own tests.
     config.limits.connection_rate_per_ip = 0.0;
+    // Every test also exercises direct delivery, which is off by default.
+    config.server.direct_delivery = true;
     config
 }
 
