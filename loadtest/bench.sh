@@ -7,6 +7,7 @@
 #   loadtest/bench.sh history-kills|history-resume|history-publish|history-cpu [RATE...]|history-ci|history
 #   loadtest/bench.sh tls
 #   loadtest/bench.sh floor
+#   loadtest/bench.sh profile
 #
 # TLS=1 before any scenario serves it over wss:// with a self-signed
 # certificate (the tool trusts it with --ca-file); scenarios that publish
@@ -677,6 +678,50 @@ tls)
             "handshakes/s $(median "${hs[@]}" -- results.handshakes_per_sec)," \
             "CPU per delivery $(median "${cpu[@]}" -- results.cpu_us_per_delivery) us," \
             "p50 $(median "${cpu[@]}" -- results.latency_ms.p50) ms, p99 $(median "${cpu[@]}" -- results.latency_ms.p99) ms"
+    done
+    ;;
+profile)
+    # Where a delivery's CPU goes (issue 13): `perf record -e cpu-clock`
+    # of the node during 1k subscribers x 100/s and 10k subscribers x 3/s,
+    # with server.direct_delivery off (the default: every delivery goes
+    # through the connection's writer task) and on (a push writes on the
+    # spot). Writes OUT/profile-LOAD-direct-BOOL.txt: the run's CPU per
+    # delivery and latency, user against kernel time, the top symbols.
+    command -v perf >/dev/null || { echo "profile needs perf (apt-get install linux-perf)" >&2; exit 1; }
+    for direct in false true; do
+        for load in 1k 10k; do
+            HERALD_SERVER__DIRECT_DELIVERY=$direct start_nodes 1
+            NODE=${PIDFLAGS[1]}
+            if [ "$load" = 1k ]; then
+                shape=(--subscribers 1000 --channels 1 --rate 100)
+            else
+                shape=(--subscribers 10000 --connect-rate 5000 --channels 1 --rate 3 --source-ips 2)
+            fi
+            # The profile starts once the subscribers are in and the warm-up
+            # is over (10,000 connect in 2 s), and ends before the last
+            # deliveries: it shows deliveries, not handshakes.
+            data="$OUT/profile-$load-direct-$direct.perf"
+            (sleep 5 && exec perf record -q -e cpu-clock -F 999 -p "$NODE" -o "$data" -- sleep 10) &
+            perf_pid=$!
+            tool fanout "${URLS[@]}" --secret $SECRET "${PIDFLAGS[@]}" $(api) "${shape[@]}" \
+                --payload 100 --duration 15s --check lossless --json "$OUT/profile-$load-direct-$direct.json"
+            wait "$perf_pid" || true
+            stop_all_nodes
+            summary="$OUT/profile-$load-direct-$direct.txt"
+            {
+                python3 - "$OUT/profile-$load-direct-$direct.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))["results"]
+print(f"cpu per delivery {r['cpu_us_per_delivery']} us, p50 {r['latency_ms']['p50']} ms, p99 {r['latency_ms']['p99']} ms")
+PY
+                echo "-- by object (kernel against user)"
+                perf report -i "$data" --no-children --sort dso -q -g none 2>/dev/null | grep -v '^$' | head -6 || true
+                echo "-- top symbols (self)"
+                perf report -i "$data" --no-children --sort sym -q -g none 2>/dev/null | grep -v '^$' | head -25 || true
+            } >"$summary"
+            echo "== $load, direct_delivery=$direct"
+            cat "$summary"
+        done
     done
     ;;
 faults)
