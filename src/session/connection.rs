@@ -530,7 +530,9 @@ enum WriteFailure {
 /// payloads go to the kernel from the hub's shared buffers, in one vectored
 /// write with the headers; a transport that does not write vectored (the
 /// trait's fallback writes only the first slice, so TLS would send a tiny
-/// record per header) gets the batch copied into one buffer first.
+/// record per header) gets the batch copied into one buffer first. The
+/// transport is flushed at the end: a TLS stream takes a write once it is
+/// encrypted, and what the socket has not taken yet goes out in the flush.
 async fn write_with_progress<W>(
     io: &mut W,
     batch: &mut WriteBatch,
@@ -554,7 +556,11 @@ where
             Err(_) => return Err(WriteFailure::Stalled),
         }
     }
-    Ok(())
+    match tokio::time::timeout(timeout, io.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(WriteFailure::Lost),
+        Err(_) => Err(WriteFailure::Stalled),
+    }
 }
 
 /// Converts a Unix time in seconds into a deadline on the tokio clock.
