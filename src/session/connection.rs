@@ -10,7 +10,8 @@
 //! Per-connection memory, idle and subscribed: the outbox (~250 bytes, its
 //! queue freed when drained), the session's channel map, the two task
 //! futures, a write batch kept only while small, and a read buffer that is
-//! empty when idle (see ARCHITECTURE.md).
+//! empty when idle (see ARCHITECTURE.md). Over TLS the stream's own buffers
+//! are empty too ([`TlsStream`]); what remains is rustls's connection state.
 
 use std::io::IoSlice;
 use std::net::SocketAddr;
@@ -38,6 +39,7 @@ use crate::session::Session;
 use crate::session::inbound::{FrameReader, Inbound, ReadError};
 use crate::session::outbox::{Closing, Outbox, QueueLimits};
 use crate::session::write_batch::WriteBatch;
+use crate::transport::tls_stream::TlsStream;
 
 /// How long the node waits for the client's answer to its close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -71,12 +73,13 @@ pub(crate) async fn serve(
             }
         };
         match split(upgraded) {
-            Split::Tcp(reader, writer, socket) => {
+            Some(Split::Tcp(reader, writer, socket)) => {
                 run(node, id, principal, mode, reader, writer, Some(socket)).await
             }
-            Split::Other(reader, writer) => {
+            Some(Split::Tls(reader, writer)) => {
                 run(node, id, principal, mode, reader, writer, None).await
             }
+            None => debug!("upgraded on a transport the listener does not make"),
         }
     }
     .instrument(span)
@@ -91,10 +94,11 @@ enum Split {
         SharedTcp,
         Arc<TcpStream>,
     ),
-    /// Any other transport (TLS later): a locked split.
-    Other(
-        tokio::io::ReadHalf<TokioIo<Upgraded>>,
-        tokio::io::WriteHalf<TokioIo<Upgraded>>,
+    /// TLS: the stream holds rustls's state, which reading and writing both
+    /// change, so the halves share it through a lock.
+    Tls(
+        tokio::io::Chain<std::io::Cursor<Bytes>, tokio::io::ReadHalf<TlsStream>>,
+        tokio::io::WriteHalf<TlsStream>,
     ),
 }
 
@@ -170,25 +174,28 @@ impl AsyncWrite for SharedTcp {
     }
 }
 
-fn split(upgraded: Upgraded) -> Split {
-    match upgraded.downcast::<TokioIo<TcpStream>>() {
+/// Takes the connection back from hyper: a plain socket or a TLS stream,
+/// the two transports the listener makes.
+fn split(upgraded: Upgraded) -> Option<Split> {
+    // Bytes the client sent right behind its handshake come first. They are
+    // copied out: the slice would otherwise keep hyper's whole read buffer
+    // alive for the life of the connection.
+    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let socket = Arc::new(parts.io.into_inner());
-            // Bytes the client sent right behind its handshake come first. They
-            // are copied out: the slice would otherwise keep hyper's whole read
-            // buffer alive for the life of the connection.
             let early = Bytes::copy_from_slice(&parts.read_buf);
-            Split::Tcp(
+            return Some(Split::Tcp(
                 std::io::Cursor::new(early).chain(SharedTcp(socket.clone())),
                 SharedTcp(socket.clone()),
                 socket,
-            )
+            ));
         }
-        Err(upgraded) => {
-            let (read, write) = tokio::io::split(TokioIo::new(upgraded));
-            Split::Other(read, write)
-        }
-    }
+        Err(upgraded) => upgraded,
+    };
+    let parts = upgraded.downcast::<TokioIo<TlsStream>>().ok()?;
+    let early = Bytes::copy_from_slice(&parts.read_buf);
+    let (read, write) = tokio::io::split(parts.io.into_inner());
+    Some(Split::Tls(std::io::Cursor::new(early).chain(read), write))
 }
 
 async fn run<R, W>(
@@ -530,7 +537,9 @@ enum WriteFailure {
 /// payloads go to the kernel from the hub's shared buffers, in one vectored
 /// write with the headers; a transport that does not write vectored (the
 /// trait's fallback writes only the first slice, so TLS would send a tiny
-/// record per header) gets the batch copied into one buffer first.
+/// record per header) gets the batch copied into one buffer first. The
+/// transport is flushed at the end: a TLS stream takes a write once it is
+/// encrypted, and what the socket has not taken yet goes out in the flush.
 async fn write_with_progress<W>(
     io: &mut W,
     batch: &mut WriteBatch,
@@ -554,7 +563,11 @@ where
             Err(_) => return Err(WriteFailure::Stalled),
         }
     }
-    Ok(())
+    match tokio::time::timeout(timeout, io.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(WriteFailure::Lost),
+        Err(_) => Err(WriteFailure::Stalled),
+    }
 }
 
 /// Converts a Unix time in seconds into a deadline on the tokio clock.

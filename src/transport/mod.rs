@@ -1,7 +1,8 @@
 //! The transport: everything between a TCP connection and a WebSocket
 //! session. [`server`] accepts connections, serves the HTTP routes and
 //! upgrades `/ws` once [`admission`] and the token allow it; [`tls`]
-//! terminates TLS with certificates reloaded in place; [`demo`] serves the
+//! terminates TLS with certificates reloaded in place, over [`tls_stream`],
+//! which holds no TLS buffers while a connection is idle; [`demo`] serves the
 //! demo page; [`http`] builds the JSON responses.
 
 pub(crate) mod admission;
@@ -9,3 +10,4 @@ pub(crate) mod demo;
 pub(crate) mod http;
 pub(crate) mod server;
 pub mod tls;
+pub mod tls_stream;

@@ -61,8 +61,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, node: Node) {
                                 // A failed handshake is counted by reason; the
                                 // connection simply closes.
                                 if let Ok(stream) = tls.accept(stream).await {
-                                    let identified =
-                                        stream.get_ref().1.peer_certificates().is_some();
+                                    let identified = stream.peer_certificates().is_some();
                                     let client = Client {
                                         peer,
                                         certificate_missing: tls.requires_client_certificates()

@@ -13,6 +13,10 @@
 //! Handshakes are bounded: at most `server.tls.max_handshakes` at once (a
 //! connection beyond it is closed at once) and each within
 //! `server.tls.handshake_timeout`; failures are counted by reason.
+//!
+//! The connections themselves are [`TlsStream`]s, over rustls's unbuffered
+//! API, so that an idle connection holds no TLS buffers
+//! ([`crate::transport::tls_stream`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -25,12 +29,12 @@ use rustls::server::WebPkiClientVerifier;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
-use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{ConfigError, TlsConfig};
 use crate::metrics::Metrics;
+use crate::transport::tls_stream::TlsStream;
 
 /// Accepts TLS connections with the current configuration.
 pub struct Tls {
@@ -123,10 +127,7 @@ impl Tls {
     }
 
     /// Completes the TLS handshake on `stream`, within the bounds.
-    pub async fn accept(
-        &self,
-        stream: TcpStream,
-    ) -> Result<TlsStream<TcpStream>, HandshakeFailure> {
+    pub async fn accept(&self, stream: TcpStream) -> Result<TlsStream, HandshakeFailure> {
         let result = self.handshake(stream).await;
         if let Err(failure) = &result {
             self.metrics.tls_handshake_failed(failure.reason());
@@ -134,14 +135,13 @@ impl Tls {
         result
     }
 
-    async fn handshake(&self, stream: TcpStream) -> Result<TlsStream<TcpStream>, HandshakeFailure> {
+    async fn handshake(&self, stream: TcpStream) -> Result<TlsStream, HandshakeFailure> {
         let Ok(_permit) = self.handshakes.clone().try_acquire_owned() else {
             return Err(HandshakeFailure::TooMany);
         };
         self.metrics.tls_handshake_started();
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.current.load_full());
-        let outcome =
-            tokio::time::timeout(self.config.handshake_timeout, acceptor.accept(stream)).await;
+        let handshake = TlsStream::accept(stream, self.current.load_full());
+        let outcome = tokio::time::timeout(self.config.handshake_timeout, handshake).await;
         self.metrics.tls_handshake_ended();
         match outcome {
             Ok(Ok(stream)) => Ok(stream),
