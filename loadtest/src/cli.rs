@@ -97,6 +97,9 @@ pub enum Command {
     /// Stop one gateway with SIGTERM while its clients reconnect to the
     /// others: the reconnect rate the others see.
     Drain(DrainArgs),
+    /// Render `fanout` or `slow` JSON summaries as an SVG chart: p50, p90
+    /// and p99 latency against the delivery rate, one colour per server.
+    Chart(ChartArgs),
     /// Internal: run a slice of the clients for a parent process.
     #[command(hide = true)]
     Worker,
@@ -468,6 +471,62 @@ pub struct DrainArgs {
     pub metrics: MetricsArgs,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct ChartArgs {
+    /// `NAME=FILE[,FILE...]`: one server's summaries, one point each.
+    /// Repeatable, one colour per server; a name may appear once.
+    #[arg(long = "series", value_name = "NAME=FILES", value_parser = parse_series, required = true)]
+    pub series: Vec<SeriesFiles>,
+    /// What the x axis shows.
+    #[arg(long, value_enum, default_value_t = ChartX::Deliveries)]
+    pub x: ChartX,
+    /// The chart's title; by default it names the axes.
+    #[arg(long)]
+    pub title: Option<String>,
+    /// The SVG file to write.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// One server's name and its summary files, from `--series NAME=FILE,FILE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesFiles {
+    pub name: String,
+    pub files: Vec<PathBuf>,
+}
+
+/// The quantity on a chart's x axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ChartX {
+    /// Deliveries per second measured (`results.deliveries_per_sec`).
+    Deliveries,
+    /// Publishes per second asked for (`config.rate`).
+    Publishes,
+}
+
+/// Parses `NAME=FILE[,FILE...]`.
+pub fn parse_series(text: &str) -> Result<SeriesFiles, String> {
+    let (name, files) = text.split_once('=').ok_or_else(|| {
+        format!("{text:?}: expected NAME=FILE[,FILE...], e.g. herald=a.json,b.json")
+    })?;
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(format!("{text:?}: the series name is empty"));
+    }
+    let files: Vec<PathBuf> = files
+        .split(',')
+        .filter(|file| !file.trim().is_empty())
+        .map(PathBuf::from)
+        .collect();
+    if files.is_empty() {
+        return Err(format!("{text:?}: no summary files"));
+    }
+    Ok(SeriesFiles {
+        name: name.to_owned(),
+        files,
+    })
+}
+
 /// Parses `250ms`, `1.5s`, `2m`, `1h` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -648,6 +707,37 @@ mod tests {
         let without =
             Cli::try_parse_from(["herald-loadtest", "fanout", "--reconnect-fraction", "0.1"]);
         assert!(without.is_err());
+    }
+
+    #[test]
+    fn chart_series_parse() {
+        assert_eq!(
+            parse_series("herald=a.json,b.json"),
+            Ok(SeriesFiles {
+                name: "herald".to_owned(),
+                files: vec![PathBuf::from("a.json"), PathBuf::from("b.json")],
+            })
+        );
+        assert_eq!(parse_series("floor=c.json,").unwrap().files.len(), 1);
+        assert!(parse_series("a.json").is_err());
+        assert!(parse_series("=a.json").is_err());
+        assert!(parse_series("herald=").is_err());
+        let cli = Cli::try_parse_from([
+            "herald-loadtest",
+            "chart",
+            "--series",
+            "herald=a.json",
+            "--series",
+            "floor=b.json",
+            "--out",
+            "x.svg",
+        ])
+        .unwrap();
+        let Command::Chart(chart) = cli.command else {
+            panic!("expected chart");
+        };
+        assert_eq!(chart.series.len(), 2);
+        assert_eq!(chart.x, ChartX::Deliveries);
     }
 
     #[test]

@@ -19,9 +19,11 @@
 //! - [`stats`]: histograms, counts by reason, sequence tracking.
 //! - [`proc`]: gateway memory and CPU from `/proc`.
 //! - [`report`]: the table on stdout, the JSON summary, and the checks.
+//! - [`chart`]: JSON summaries drawn as an SVG chart of latency against rate.
 
 #![forbid(unsafe_code)]
 
+mod chart;
 mod cli;
 mod client;
 mod fault;
@@ -73,6 +75,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let global = &cli.global;
     let summary = match &cli.command {
         Command::Worker => return worker::worker_main().await,
+        Command::Chart(args) => return chart::run(args),
         Command::Connect(args) => connect::run(global, args).await?,
         Command::Fanout(args) => fanout::run(global, args, None).await?,
         Command::Slow(args) => fanout::run(global, &args.fanout, Some(args.slow_fraction)).await?,
