@@ -1,6 +1,11 @@
 //! `chart`: `fanout` and `slow` JSON summaries drawn as an SVG chart of p50,
 //! p90 and p99 latency against the delivery rate, one colour per server and
-//! one line style per percentile. Each summary file is one point.
+//! one line style per percentile. Each summary file is one point; a
+//! server's points are joined in the order of the publish rate asked for,
+//! so a server that delivers less when asked for more is seen turning back.
+//! The latency axis is logarithmic: the same ratio between two servers is
+//! the same distance at 5 ms and at 5 s, and a collapse stays on the chart.
+//! A hollow marker is a run that lost messages.
 //!
 //! Text is written as SVG `<text>` elements laid out by plotters' estimate,
 //! so no font is read and no C library is needed; the viewer draws the text
@@ -59,7 +64,7 @@ pub fn run(args: &ChartArgs) -> anyhow::Result<()> {
             .iter()
             .map(|path| load_point(path, args.x))
             .collect::<anyhow::Result<Vec<Point>>>()?;
-        points.sort_by(|a, b| a.x.total_cmp(&b.x));
+        points.sort_by(|a, b| a.rate.total_cmp(&b.rate).then(a.x.total_cmp(&b.x)));
         series.push(Series {
             name: files.name.clone(),
             points,
@@ -74,13 +79,14 @@ pub fn run(args: &ChartArgs) -> anyhow::Result<()> {
     for series in &series {
         for point in &series.points {
             println!(
-                "{}: {} {}, p50 {} ms, p90 {} ms, p99 {} ms",
+                "{}: {} {}, p50 {} ms, p90 {} ms, p99 {} ms, {} deliveries missing",
                 series.name,
                 axis_label(args.x),
                 point.x,
                 point.latency_ms[0],
                 point.latency_ms[1],
-                point.latency_ms[2]
+                point.latency_ms[2],
+                point.missing
             );
         }
     }
@@ -91,11 +97,15 @@ pub fn run(args: &ChartArgs) -> anyhow::Result<()> {
 /// One summary: its x value and its latency at each of [`PERCENTILES`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Point {
+    /// Publishes per second asked for (`config.rate`): the order of the points.
+    pub rate: f64,
     pub x: f64,
     pub latency_ms: [f64; 3],
+    /// Deliveries that never arrived (`results.missing`).
+    pub missing: f64,
 }
 
-/// One server's points, in order of x.
+/// One server's points, in order of the publish rate.
 #[derive(Debug, Clone)]
 pub struct Series {
     pub name: String,
@@ -118,15 +128,21 @@ pub fn load_point(path: &Path, x: ChartX) -> anyhow::Result<Point> {
             .and_then(Value::as_f64)
             .with_context(|| format!("{file}: no number at {}", &pointer[1..].replace('/', ".")))
     };
+    let rate = number("/config/rate")?;
     let x = match x {
         ChartX::Deliveries => number("/results/deliveries_per_sec")?,
-        ChartX::Publishes => number("/config/rate")?,
+        ChartX::Publishes => rate,
     };
     let mut latency_ms = [0.0; 3];
     for (value, percentile) in latency_ms.iter_mut().zip(PERCENTILES) {
         *value = number(&format!("/results/latency_ms/{}", percentile.name))?;
     }
-    Ok(Point { x, latency_ms })
+    Ok(Point {
+        rate,
+        x,
+        latency_ms,
+        missing: number("/results/missing")?,
+    })
 }
 
 /// Draws the chart and returns the SVG document.
@@ -136,13 +152,16 @@ pub fn render(series: &[Series], x: ChartX, title: &str) -> anyhow::Result<Strin
         bail!("nothing to draw: no summaries");
     }
     let x_max = points().map(|point| point.x).fold(0.0, f64::max);
-    let y_max = points()
-        .flat_map(|point| point.latency_ms)
-        .fold(0.0, f64::max);
+    let latencies = || points().flat_map(|point| point.latency_ms);
+    // Below 1 µs a latency is off the chart rather than at minus infinity.
+    let y_min = latencies().fold(f64::INFINITY, f64::min).max(0.001);
+    let y_max = latencies().fold(0.0, f64::max).max(y_min);
+    let lost = points().any(|point| point.missing > 0.0);
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
-        draw(&root, series, x, title, x_max, y_max)
+        let ranges = (x_max * 1.05, (y_min / 1.5, y_max * 1.5));
+        draw(&root, series, x, title, ranges, lost)
             .map_err(|error| anyhow::anyhow!("drawing the chart: {error}"))?;
         root.present()
             .map_err(|error| anyhow::anyhow!("drawing the chart: {error}"))?;
@@ -165,8 +184,8 @@ fn draw(
     series: &[Series],
     x: ChartX,
     title: &str,
-    x_max: f64,
-    y_max: f64,
+    (x_max, (y_min, y_max)): (f64, (f64, f64)),
+    lost: bool,
 ) -> DrawResult {
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(root)
@@ -174,15 +193,17 @@ fn draw(
         .margin(20)
         .x_label_area_size(50)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..x_max * 1.05, 0.0..(y_max * 1.1).max(1.0))?;
+        .build_cartesian_2d(0.0..x_max, (y_min..y_max).log_scale())?;
     chart
         .configure_mesh()
         .x_desc(axis_label(x))
-        .y_desc("latency (ms)")
+        .y_desc("latency (ms, log scale)")
         .x_label_formatter(&|value| thousands(*value))
+        .y_label_formatter(&|value| format!("{value}"))
         .axis_desc_style(("sans-serif", 16))
         .label_style(("sans-serif", 13))
-        .light_line_style(RGBColor(235, 235, 235))
+        .light_line_style(RGBColor(240, 240, 240))
+        .max_light_lines(4)
         .draw()?;
     for (series, colour) in series.iter().zip(COLOURS.iter().cycle()) {
         let colour = *colour;
@@ -211,11 +232,21 @@ fn draw(
                         });
                 }
             }
-            chart.draw_series(
-                line.iter()
-                    .map(|&point| Circle::new(point, 3, colour.filled())),
-            )?;
+            chart.draw_series(line.iter().zip(&series.points).map(|(&at, point)| {
+                let marker = if point.missing > 0.0 {
+                    colour.stroke_width(2)
+                } else {
+                    colour.filled()
+                };
+                Circle::new(at, 4, marker)
+            }))?;
         }
+    }
+    if lost {
+        chart
+            .draw_series(std::iter::empty::<Circle<(f64, f64), u32>>())?
+            .label("hollow: messages lost")
+            .legend(|(x, y)| Circle::new((x + 12, y), 4, BLACK.stroke_width(2)));
     }
     chart
         .configure_series_labels()

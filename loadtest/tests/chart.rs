@@ -16,13 +16,14 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// A `fanout` summary with the fields the chart reads.
+/// A lossless `fanout` summary with the fields the chart reads.
 fn summary(rate: f64, deliveries_per_sec: f64, [p50, p90, p99]: [f64; 3]) -> Value {
     json!({
         "scenario": "fanout",
         "config": {"rate": rate, "subscribers": 1000},
         "results": {
             "deliveries_per_sec": deliveries_per_sec,
+            "missing": 0,
             "latency_ms": {"count": 1000, "p50": p50, "p90": p90, "p99": p99, "p999": p99, "max": p99},
         },
     })
@@ -59,14 +60,19 @@ fn renders_both_servers_percentiles_and_axes() {
     let floor = [
         (100.0, [1.5, 4.0, 8.0]),
         (200.0, [2.5, 6.0, 12.0]),
-        (400.0, [4.0, 9.0, 20.0]),
+        (400.0, [400.0, 900.0, 2000.0]),
     ];
     let files = |server: &str, points: &[(f64, [f64; 3])]| {
         points
             .iter()
             .map(|&(rate, latency)| {
-                let text = summary(rate, rate * 1000.0, latency).to_string();
-                write(&dir, &format!("{server}-{rate}.json"), &text)
+                let mut summary = summary(rate, rate * 1000.0, latency);
+                if server == "floor" && rate == 400.0 {
+                    // It fell behind: fewer deliveries than asked for, and losses.
+                    summary["results"]["deliveries_per_sec"] = json!(150_000.0);
+                    summary["results"]["missing"] = json!(5000);
+                }
+                write(&dir, &format!("{server}-{rate}.json"), &summary.to_string())
             })
             .collect::<Vec<_>>()
             .join(",")
@@ -86,8 +92,12 @@ fn renders_both_servers_percentiles_and_axes() {
     ]);
     assert!(output.status.success(), "{output:?}");
     let stdout = String::from_utf8_lossy(&output.stdout);
+    // The points come in order of the publish rate, not of deliveries/s.
     assert!(
-        stdout.contains("floor: deliveries per second 400000, p50 4 ms, p90 9 ms, p99 20 ms"),
+        stdout.contains(
+            "floor: deliveries per second 200000, p50 2.5 ms, p90 6 ms, p99 12 ms, 0 deliveries missing\n\
+             floor: deliveries per second 150000, p50 400 ms, p90 900 ms, p99 2000 ms, 5000 deliveries missing\n"
+        ),
         "{stdout}"
     );
 
@@ -103,26 +113,34 @@ fn renders_both_servers_percentiles_and_axes() {
     for expected in [
         "A test chart",
         "deliveries per second",
-        "latency (ms)",
+        "latency (ms, log scale)",
         "herald p50",
         "herald p90",
         "herald p99",
         "floor p50",
         "floor p90",
         "floor p99",
-        "400k",
+        "hollow: messages lost",
+        "200k",
+        "1000",
     ] {
         assert!(
             texts.iter().any(|text| text == expected),
             "no {expected:?} in {texts:?}"
         );
     }
-    // A marker per percentile at each of the five points.
-    let markers = document
+    // A marker per percentile at each of the five points, hollow for the
+    // lossy one, and a hollow one in the legend.
+    let markers: Vec<_> = document
         .descendants()
         .filter(|node| node.has_tag_name("circle"))
+        .collect();
+    assert_eq!(markers.len(), 5 * 3 + 1);
+    let hollow = markers
+        .iter()
+        .filter(|node| node.attribute("fill") == Some("none"))
         .count();
-    assert_eq!(markers, 5 * 3);
+    assert_eq!(hollow, 3 + 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
