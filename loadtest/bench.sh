@@ -205,6 +205,30 @@ history_load() {
         --subscribers 1000 --channels 10 --payload 100 --rate 1000 $(metrics "${PORTS[@]}")
 }
 
+# start_server herald|floor: one herald node, or herald-floor, on the
+# gateway core; sets URLS, PIDFLAGS and PORTS as start_nodes does.
+start_server() {
+    if [ "$1" = herald ]; then
+        start_nodes 1
+        return
+    fi
+    local port
+    port=$(free_port)
+    taskset -c "$GATEWAY_CORE" "$FLOOR" --listen 127.0.0.1:$port 2>/dev/null &
+    PIDS+=($!)
+    URLS=(--url ws://127.0.0.1:$port/ws) PIDFLAGS=(--pid $!) PORTS=("$port")
+    wait_ready "$port"
+}
+
+# floor_load SUBSCRIBERS: the floor comparisons' load on the server
+# start_server started: SUBSCRIBERS on one channel (more than 1,000 from two
+# source addresses), 100-byte payloads through its HTTP API.
+floor_load() {
+    echo "${URLS[@]}" --secret $SECRET "${PIDFLAGS[@]}" $(api) \
+        --subscribers "$1" --channels 1 --payload 100
+    if [ "$1" -gt 1000 ]; then echo --source-ips 2 --connect-rate 5000; fi
+}
+
 # median FILE... -- JSONPATH: the median of one numeric field over summaries.
 median() {
     python3 - "$@" <<'PY'
@@ -598,21 +622,11 @@ floor)
     # medians and herald's ratio to the floor.
     for round in $(seq 1 "${REPEAT:-3}"); do
         for server in herald floor; do
-            if [ "$server" = herald ]; then
-                start_nodes 1
-            else
-                port=$(free_port)
-                taskset -c "$GATEWAY_CORE" "$FLOOR" --listen 127.0.0.1:$port 2>/dev/null &
-                PIDS+=($!)
-                URLS=(--url ws://127.0.0.1:$port/ws) PIDFLAGS=(--pid $!) PORTS=("$port")
-                wait_ready "$port"
-            fi
-            tool fanout "${URLS[@]}" --secret $SECRET "${PIDFLAGS[@]}" $(api) \
-                --subscribers 1000 --channels 1 --rate 100 --payload 100 --duration 15s --check lossless \
+            start_server "$server"
+            tool fanout $(floor_load 1000) --rate 100 --duration 15s --check lossless \
                 --json "$OUT/floor-cpu-$server-$round.json"
-            tool fanout "${URLS[@]}" --secret $SECRET "${PIDFLAGS[@]}" $(api) --source-ips 2 \
-                --subscribers 10000 --connect-rate 5000 --channels 1 --rate 3 --payload 100 --duration 15s \
-                --check lossless --json "$OUT/floor-10k-$server-$round.json"
+            tool fanout $(floor_load 10000) --rate 3 --duration 15s --check lossless \
+                --json "$OUT/floor-10k-$server-$round.json"
             stop_all_nodes
         done
     done
