@@ -6,7 +6,7 @@
 #                     faults-slow-attack|faults-leaks|drain|faults-ci|faults
 #   loadtest/bench.sh history-kills|history-resume|history-publish|history-cpu [RATE...]|history-ci|history
 #   loadtest/bench.sh tls
-#   loadtest/bench.sh floor
+#   loadtest/bench.sh floor|floor-sweep [RATE...]
 #   loadtest/bench.sh profile
 #
 # TLS=1 before any scenario serves it over wss:// with a self-signed
@@ -651,6 +651,37 @@ for label, kind, path in rows:
     (h, hs), (f, fs) = med(kind, "herald", *path), med(kind, "floor", *path)
     print(f"{label}: herald {h:.3f} {hs}, floor {f:.3f} {fs}, ratio {h / f:.2f}")
 PY
+    ;;
+floor-sweep)
+    # Figure 10's charts: herald and the floor server with floor's load, a
+    # fresh server for every point, alternating: 1,000 subscribers x RATES
+    # publishes/s (default 25 50 100 200 400) and 10,000 subscribers x 1, 3
+    # and 10/s, 12 s each, no assertions. Then `herald-loadtest chart` draws
+    # p50, p90 and p99 against deliveries/s into docs/bench/floor-1k.svg and
+    # floor-10k.svg (CHARTS=dir puts them elsewhere).
+    CHARTS=${CHARTS:-docs/bench}
+    mkdir -p "$CHARTS"
+    for subscribers in 1000 10000; do
+        if [ "$subscribers" = 1000 ]; then
+            size=1k count=1,000 sweep=$(rates 25 50 100 200 400)
+        else
+            size=10k count=10,000 sweep="1 3 10"
+        fi
+        herald_files=() floor_files=()
+        for rate in $sweep; do
+            for server in herald floor; do
+                file="$OUT/floor-sweep-$size-$server-$rate.json"
+                start_server "$server"
+                tool fanout $(floor_load "$subscribers") --rate "$rate" --duration 12s --json "$file"
+                stop_all_nodes
+                if [ "$server" = herald ]; then herald_files+=("$file"); else floor_files+=("$file"); fi
+            done
+        done
+        "$TOOL" chart --series "herald=$(IFS=,; echo "${herald_files[*]}")" \
+            --series "floor=$(IFS=,; echo "${floor_files[*]}")" \
+            --title "herald and the floor server, $count subscribers on one channel" \
+            --out "$CHARTS/floor-$size.svg"
+    done
     ;;
 tls)
     # What TLS costs: the same runs over ws:// and wss://, one node with a
