@@ -788,7 +788,12 @@ async fn redis_connection(
                     };
                     let mut connection = connection;
                     let command = redis_command(kind, &channels[message.channel], message.payload);
-                    in_flight.push(async move {
+                    // Outside tokio's cooperative budget: a send that the
+                    // budget made yield was woken to the back of
+                    // `in_flight`'s queue, behind commands not yet polled,
+                    // which then reached Redis first (the order test failed
+                    // about one run in three).
+                    in_flight.push(tokio::task::unconstrained(async move {
                         let answer = match kind {
                             RedisCommand::Publish => command
                                 .query_async::<u64>(&mut connection)
@@ -800,7 +805,7 @@ async fn redis_connection(
                                 .map(|(epoch, offset)| Answer::Landed(epoch, offset)),
                         };
                         (slot, answer)
-                    });
+                    }));
                 }
                 None => open = false,
             },
