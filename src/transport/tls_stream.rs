@@ -593,39 +593,20 @@ fn encrypt_into(
     total: usize,
     outgoing: &mut Vec<u8>,
 ) -> Result<bool, rustls::Error> {
-    let start = outgoing.len();
     let records = total.div_ceil(MAX_PLAINTEXT_PER_WRITE);
-    let mut room = total + records * RECORD_OVERHEAD;
+    let room = total + records * RECORD_OVERHEAD;
     let single = bufs
         .iter()
         .find(|buf| !buf.is_empty())
         .filter(|first| first.len() >= total);
-    loop {
-        let result = match single {
-            Some(first) => {
-                outgoing.resize(start + room, 0);
-                traffic.encrypt(&first[..total], &mut outgoing[start..])
-            }
-            None => {
-                outgoing.resize(start + room + total, 0);
-                let (sealed, staged) = outgoing[start..].split_at_mut(room);
-                gather(bufs, staged);
-                traffic.encrypt(staged, sealed)
-            }
-        };
-        match result {
-            Ok(written) => {
-                outgoing.truncate(start + written);
-                return Ok(true);
-            }
-            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                room = required_size;
-            }
-            Err(EncryptError::EncryptExhausted) => {
-                outgoing.truncate(start);
-                return Err(rustls::Error::EncryptError);
-            }
-        }
+    match single {
+        Some(first) => seal_into(outgoing, room, 0, |sealed, _| {
+            traffic.encrypt(&first[..total], sealed)
+        }),
+        None => seal_into(outgoing, room, total, |sealed, staged| {
+            gather(bufs, staged);
+            traffic.encrypt(staged, sealed)
+        }),
     }
 }
 
@@ -634,11 +615,25 @@ fn close_notify_into(
     traffic: &mut WriteTraffic<'_, ServerConnectionData>,
     outgoing: &mut Vec<u8>,
 ) -> Result<bool, rustls::Error> {
+    seal_into(outgoing, RECORD_OVERHEAD, 0, |sealed, _| {
+        traffic.queue_close_notify(sealed)
+    })
+}
+
+/// Appends what `seal` writes into `room` bytes at the end of `outgoing`,
+/// growing the room for as long as rustls asks for more. `seal` is also
+/// given `staging` bytes after the room, for plaintext it gathers itself.
+fn seal_into(
+    outgoing: &mut Vec<u8>,
+    mut room: usize,
+    staging: usize,
+    mut seal: impl FnMut(&mut [u8], &mut [u8]) -> Result<usize, EncryptError>,
+) -> Result<bool, rustls::Error> {
     let start = outgoing.len();
-    let mut room = RECORD_OVERHEAD;
     loop {
-        outgoing.resize(start + room, 0);
-        match traffic.queue_close_notify(&mut outgoing[start..]) {
+        outgoing.resize(start + room + staging, 0);
+        let (sealed, staged) = outgoing[start..].split_at_mut(room);
+        match seal(sealed, staged) {
             Ok(written) => {
                 outgoing.truncate(start + written);
                 return Ok(true);
