@@ -3,9 +3,11 @@
 //!
 //! fastwebsockets does the upgrade handshake; this reader replaces its read
 //! half, which keeps an 8 KiB buffer per connection for life (measured: it was
-//! the largest part of an idle connection's cost). Here the buffer starts at
-//! [`INITIAL_BUFFER`] bytes, grows to fit one frame, and shrinks back once a
-//! large frame has been consumed.
+//! the largest part of an idle connection's cost). Here nothing is allocated
+//! while the reader waits: the first bytes of a frame are read on the stack
+//! and copied into a buffer of their size, which grows as the rest arrives
+//! (at most [`READ_CHUNK`] ahead of it) and is freed once the frame is
+//! consumed.
 //!
 //! The reader also enforces what fastwebsockets does not: client frames must be
 //! masked (else 1002), and a fragmented message is capped in total, not only per
@@ -14,10 +16,13 @@
 //! checked for UTF-8 fragment by fragment, and refused (1007) at the first
 //! fragment that cannot continue valid UTF-8.
 
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 use crate::protocol::CloseCode;
 use crate::rate::TokenBucket;
@@ -150,6 +155,26 @@ pub struct FrameReader<R> {
     partial_since: Option<Instant>,
 }
 
+/// Reads what has arrived into `buffer`, which is empty, without allocating
+/// it first: the bytes land in a buffer on the stack of the one poll that
+/// finds them, and `buffer` is allocated to their size. So an idle reader,
+/// which spends its life waiting here, holds no read buffer.
+async fn read_unbuffered<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buffer: &mut BytesMut,
+) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        // Uninitialised: a transport that finds nothing to read (the common
+        // case: the task woke to write) costs no memset.
+        let mut stack = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut read = ReadBuf::uninit(&mut stack);
+        ready!(Pin::new(&mut *io).poll_read(cx, &mut read))?;
+        buffer.extend_from_slice(read.filled());
+        Poll::Ready(Ok(read.filled().len()))
+    })
+    .await
+}
+
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(
         io: R,
@@ -174,23 +199,26 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// `frame_timeout` of its first byte, else 4006.
     async fn fill(&mut self, wanted: usize, activity: &mut impl FnMut()) -> Result<(), ReadError> {
         while self.buffer.len() < wanted {
-            let missing = wanted - self.buffer.len();
-            let spare = self.buffer.capacity() - self.buffer.len();
-            if spare < missing.min(INITIAL_BUFFER) {
-                self.buffer
-                    .reserve(missing.clamp(INITIAL_BUFFER, READ_CHUNK));
-            }
             let read = if self.buffer.is_empty() && self.fragments.is_none() {
-                // Idle: waiting for a new frame has no deadline.
+                // Idle: waiting for a new frame has no deadline, and holds no
+                // buffer until bytes arrive.
                 self.partial_since = None;
-                self.io.read_buf(&mut self.buffer).await
+                read_unbuffered(&mut self.io, &mut self.buffer).await
             } else {
+                let missing = wanted - self.buffer.len();
+                let spare = self.buffer.capacity() - self.buffer.len();
+                if spare < missing.min(INITIAL_BUFFER) {
+                    self.buffer
+                        .reserve(missing.clamp(INITIAL_BUFFER, READ_CHUNK));
+                }
                 let since = *self.partial_since.get_or_insert_with(Instant::now);
                 // `read_buf` is cancel-safe: on timeout nothing was consumed.
-                match tokio::time::timeout_at(
+                // Boxed, so that the deadline's timer takes memory only while a
+                // frame is under way, not in every idle reader's future.
+                match Box::pin(tokio::time::timeout_at(
                     since + self.frame_timeout,
                     self.io.read_buf(&mut self.buffer),
-                )
+                ))
                 .await
                 {
                     Ok(read) => read,
@@ -550,6 +578,28 @@ mod tests {
         assert!(reader.next(&mut || reads += 1).await.is_ok());
         assert!(reads > 0, "arriving bytes count as activity");
         assert_eq!(reader.buffer.capacity(), 0, "no buffer kept while idle");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_reader_waits_without_a_buffer() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let requests = TokenBucket::new(1e9, 1e9, Instant::now());
+        let mut reader = FrameReader::new(server, 1 << 20, Duration::from_secs(60), requests);
+        let waited = tokio::time::timeout(Duration::from_secs(1), reader.next(&mut || {})).await;
+        assert!(waited.is_err(), "nothing was sent");
+        assert_eq!(reader.buffer.capacity(), 0, "no buffer while waiting");
+        // A frame that arrives whole is read in one go.
+        let mut reads = 0;
+        client
+            .write_all(&frame(true, TEXT, b"hello"))
+            .await
+            .unwrap();
+        assert_eq!(
+            reader.next(&mut || reads += 1).await,
+            Ok(Inbound::Text(b"hello".to_vec()))
+        );
+        assert_eq!(reads, 1);
     }
 
     #[tokio::test]
