@@ -220,8 +220,8 @@ fn write_batch(out: &mut impl Write, batch: &mut WriteBatch, vectored: bool) {
         let written = out.write_vectored(&slices[..used]).unwrap();
         batch.advance(written);
     }
-    // Between messages a writer waits, so it keeps only small buffers.
-    batch.clear_and_shrink();
+    // Between messages a writer waits, and frees its buffers first.
+    batch.release();
 }
 
 /// One writer pass: `count` messages of `size` bytes (shared, as the hub

@@ -1,17 +1,19 @@
 //! One WebSocket session: a reader and a writer around a bounded [`Outbox`].
 //!
-//! Reading a frame is not cancel-safe, so the reader never sits in a `select!`
-//! that could resume it: it runs on its own and only ever pushes into the
-//! outbox. The writer task owns the socket's write half, the ping timer, the
-//! token expiry and the drain; it is the only place that writes, and every
-//! frame pending when it wakes goes out in one vectored write, large
-//! payloads straight from the hub's shared buffers ([`WriteBatch`]).
+//! Both run in the session's one task, polled side by side by a `select!`
+//! that never drops either while the other runs: reading a frame is not
+//! cancel-safe, so the reader is never resumed from scratch, and it only ever
+//! pushes into the outbox. The writer owns the socket's write half, the ping
+//! timer, the token expiry and the drain; it is the only place that writes,
+//! except a push that delivers directly while it is parked, and every frame
+//! pending when it wakes goes out in one vectored write, large payloads
+//! straight from the hub's shared buffers ([`WriteBatch`]).
 //!
 //! Per-connection memory, idle and subscribed: the outbox (~250 bytes, its
-//! queue freed when drained), the session's channel map, the two task
-//! futures, a write batch kept only while small, and a read buffer that is
-//! empty when idle (see ARCHITECTURE.md). Over TLS the stream's own buffers
-//! are empty too ([`TlsStream`]); what remains is rustls's connection state.
+//! queue freed when drained), the session's channel map, the task's future,
+//! and no read or write buffer (see ARCHITECTURE.md). Over TLS the stream's
+//! own buffers are empty too ([`TlsStream`]); what remains is rustls's
+//! connection state.
 
 use std::io::IoSlice;
 use std::net::SocketAddr;
@@ -46,10 +48,6 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// The most bytes of queued frames the writer puts in one write.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
-
-/// Drained-frame slots kept allocated while the writer waits; a burst's
-/// larger list is freed once the burst is written.
-const KEPT_FRAME_SLOTS: usize = 16;
 
 /// The most slices handed to one vectored write (Linux's `IOV_MAX` is 1024).
 const MAX_WRITE_SLICES: usize = 64;
@@ -243,16 +241,17 @@ async fn run<R, W>(
         ping_timeout: node.config.ping.timeout,
         write_timeout: limits.write_timeout,
     };
-    let mut writer_task = tokio::spawn(
-        write_loop(
-            writer,
-            outbox.clone(),
-            settings,
-            node.shutdown.clone(),
-            node.metrics.clone(),
-        )
-        .instrument(tracing::Span::current()),
+    // The writer runs beside the reader in this task, not in one of its own:
+    // a task costs its header and a wake-up, and the `select!` below polls
+    // both without ever dropping the reader mid-frame.
+    let writer = write_loop(
+        writer,
+        outbox.clone(),
+        settings,
+        node.shutdown.clone(),
+        node.metrics.clone(),
     );
+    tokio::pin!(writer);
 
     let requests = TokenBucket::new(
         limits.requests_per_second,
@@ -278,14 +277,13 @@ async fn run<R, W>(
                     ReaderExit::Violation(code) => (code, code.reason()),
                 };
                 outbox.close(code);
-                let _ = tokio::time::timeout(settings.write_timeout + CLOSE_GRACE, &mut writer_task).await;
-                writer_task.abort();
+                let _ = tokio::time::timeout(settings.write_timeout + CLOSE_GRACE, &mut writer).await;
                 reason
             }
-            result = &mut writer_task => {
+            reason = &mut writer => {
                 // The node closed; let the client answer the close frame.
                 let _ = tokio::time::timeout(CLOSE_GRACE, &mut reader).await;
-                result.unwrap_or("internal_error")
+                reason
             }
         }
     };
@@ -494,11 +492,9 @@ where
             batch.clear();
             continue;
         }
-        // About to wait: keep only small buffers while idle.
-        batch.clear_and_shrink();
-        if frames.capacity() > KEPT_FRAME_SLOTS {
-            frames = Vec::new();
-        }
+        // About to wait: an idle connection holds no write buffer.
+        batch.release();
+        frames = Vec::new();
 
         let mut deadline = next_ping.min(expiry);
         if let Some((_, due)) = awaiting_pong {

@@ -27,13 +27,9 @@ use crate::protocol::Opcode;
 /// less than an `IoSlice` of its own (BENCHMARKS.md, the criterion table).
 pub const SHARED_PAYLOAD_BYTES: usize = 512;
 
-/// An inline buffer larger than this after a batch is freed rather than
-/// kept, so that an idle connection holds at most this much for it.
-const KEPT_INLINE_BYTES: usize = 1024;
-
-/// Shared-payload entries kept allocated between batches (a batch of one
-/// large message needs one).
-const KEPT_SHARED_ENTRIES: usize = 4;
+/// What the inline buffer reserves when a batch starts, so that a batch of a
+/// few small frames allocates once rather than growing step by step.
+const FIRST_INLINE_BYTES: usize = 256;
 
 /// The longest frame header a server writes.
 pub const MAX_HEADER_BYTES: usize = 10;
@@ -106,6 +102,9 @@ impl WriteBatch {
     }
 
     fn push_header(&mut self, opcode: Opcode, payload_len: usize) {
+        if self.inline.capacity() == 0 {
+            self.inline.reserve(FIRST_INLINE_BYTES);
+        }
         let mut header = [0u8; MAX_HEADER_BYTES];
         let used = frame_header(&mut header, opcode, payload_len);
         self.inline.extend_from_slice(&header[..used]);
@@ -185,16 +184,11 @@ impl WriteBatch {
         self.written = 0;
     }
 
-    /// Empties the batch and frees its buffers unless they are small: for a
-    /// writer about to wait, so that an idle connection holds little.
-    pub fn clear_and_shrink(&mut self) {
-        self.clear();
-        if self.inline.capacity() > KEPT_INLINE_BYTES {
-            self.inline = Vec::new();
-        }
-        if self.shared.capacity() > KEPT_SHARED_ENTRIES {
-            self.shared = Vec::new();
-        }
+    /// Empties the batch and frees its buffers: for a writer about to wait,
+    /// so that an idle connection holds none. The next batch allocates
+    /// [`FIRST_INLINE_BYTES`] at its first frame.
+    pub fn release(&mut self) {
+        *self = WriteBatch::default();
     }
 }
 
@@ -294,26 +288,22 @@ mod tests {
     }
 
     #[test]
-    fn clearing_keeps_only_small_buffers() {
+    fn buffers_are_kept_while_busy_and_freed_before_waiting() {
         let mut batch = WriteBatch::default();
-        batch.push(Opcode::Text, Bytes::from(vec![b'L'; 4096]));
-        batch.advance(batch.remaining());
-        batch.clear_and_shrink();
-        assert!(batch.is_done());
-        assert!(batch.inline.capacity() <= KEPT_INLINE_BYTES);
-        assert!(batch.shared.capacity() > 0, "kept for the next message");
         for _ in 0..100 {
             batch.push(Opcode::Text, Bytes::from(vec![b's'; 100]));
             batch.push(Opcode::Text, Bytes::from(vec![b'L'; 1000]));
         }
+        batch.advance(batch.remaining());
         batch.clear();
         assert!(batch.is_done());
-        assert!(
-            batch.inline.capacity() > KEPT_INLINE_BYTES,
-            "kept while busy"
-        );
-        batch.clear_and_shrink();
+        assert!(batch.inline.capacity() > 100 * 100, "kept while busy");
+        assert!(batch.shared.capacity() >= 100);
+        batch.release();
+        assert!(batch.is_done());
         assert_eq!(batch.inline.capacity(), 0);
         assert_eq!(batch.shared.capacity(), 0);
+        batch.push(Opcode::Text, Bytes::from_static(b"small"));
+        assert_eq!(batch.inline.capacity(), FIRST_INLINE_BYTES);
     }
 }

@@ -27,7 +27,7 @@
 //! So between messages a connection holds its socket, rustls's connection
 //! state (keys and the key schedule) and a few words of bookkeeping.
 //!
-//! The stream is shared by a reader and a writer task through
+//! The stream is shared by the session's reader and writer through
 //! [`tokio::io::split`]. Only the writer waits for the socket to be writable:
 //! what rustls answers while reading (an alert, the refusal of a TLS 1.2
 //! renegotiation) is written without waiting, and what the socket does not take
