@@ -106,8 +106,9 @@ async fn refusals_name_their_reason() {
     )));
     check(&node, &oversize, "token_too_large").await;
 
-    // And a good token still works, then the failures were all counted.
-    Client::connect(&node.ws_url(&hs256(aud(valid_claims())))).await;
+    // And a good token still works, then the failures were all counted. The
+    // client is held: dropped, its close would race the scrape below.
+    let _client = Client::connect(&node.ws_url(&hs256(aud(valid_claims())))).await;
     let metrics = node.metrics().await;
     assert_eq!(
         metric(
