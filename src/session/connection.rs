@@ -41,6 +41,7 @@ use crate::session::Session;
 use crate::session::inbound::{FrameReader, Inbound, ReadError};
 use crate::session::outbox::{Closing, Outbox, QueueLimits};
 use crate::session::write_batch::WriteBatch;
+use crate::transport::admission::Admitted;
 use crate::transport::tls_stream::TlsStream;
 
 /// How long the node waits for the client's answer to its close frame.
@@ -52,22 +53,45 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// The most slices handed to one vectored write (Linux's `IOV_MAX` is 1024).
 const MAX_WRITE_SLICES: usize = 64;
 
+/// What a session starts from: everything the handshake decided, boxed, so
+/// that the session's future (which every connection holds for life) keeps
+/// a pointer to it rather than a second copy of each part beside the parts
+/// it moved on to use.
+pub(crate) struct Opening {
+    pub node: Node,
+    pub upgrade: fastwebsockets::upgrade::UpgradeFut,
+    pub principal: Principal,
+    pub peer: SocketAddr,
+    pub mode: Mode,
+    /// The admission slots, held for as long as the connection lives.
+    pub admitted: Admitted,
+}
+
 /// Runs a session on an upgraded connection until it closes.
-pub(crate) async fn serve(
-    node: Node,
-    upgrade: fastwebsockets::upgrade::UpgradeFut,
-    principal: Principal,
-    peer: SocketAddr,
-    mode: Mode,
-) {
-    let id = node.next_connection_id();
+pub(crate) fn serve(opening: Box<Opening>) -> impl Future<Output = ()> + Send {
+    let id = opening.node.next_connection_id();
     // A debug span: at the default `info` level there is none, since an
     // enabled span is kept in the log subscriber's registry, with its fields
     // formatted, for as long as the connection lives (568 bytes per idle
     // connection, measured with `LOG_LEVEL=info loadtest/bench.sh memory`).
     // Nothing in a session logs above debug.
-    let span = debug_span!("conn", node = %node.id, conn = id, user = %principal.user, %peer);
+    let span = debug_span!(
+        "conn",
+        node = %opening.node.id,
+        conn = id,
+        user = %opening.principal.user,
+        peer = %opening.peer
+    );
     async move {
+        let Opening {
+            node,
+            upgrade,
+            principal,
+            peer: _,
+            mode,
+            admitted,
+        } = *opening;
+        let _admitted = admitted;
         let upgraded = match upgrade.await {
             Ok(ws) => ws.into_inner().into_inner(),
             Err(error) => {
@@ -86,7 +110,6 @@ pub(crate) async fn serve(
         }
     }
     .instrument(span)
-    .await
 }
 
 enum Split {
@@ -381,7 +404,9 @@ where
             Err(ReadError::Violation(code)) => return ReaderExit::Violation(code),
         };
         match inbound {
-            Inbound::Text(text) => session.on_text(text).await,
+            // Boxed: a request's state (its parsed form, a reply being
+            // built) takes memory only while it is handled.
+            Inbound::Text(text) => Box::pin(session.on_text(text)).await,
             Inbound::Binary(bytes) => session.on_binary(bytes),
             Inbound::Ping(payload) => session.outbox.pong(Bytes::from(payload)),
             Inbound::Pong => {}

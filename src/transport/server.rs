@@ -452,11 +452,15 @@ async fn websocket(
         );
     }
     let session_node = node.clone();
-    node.tracker.spawn(async move {
-        // The slots are held for as long as the connection lives.
-        let _admitted = admitted;
-        connection::serve(session_node, upgrade, principal, peer, mode).await;
-    });
+    node.tracker
+        .spawn(connection::serve(Box::new(connection::Opening {
+            node: session_node,
+            upgrade,
+            principal,
+            peer,
+            mode,
+            admitted,
+        })));
     Response::from_parts(parts, Body::default())
 }
 
