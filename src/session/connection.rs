@@ -21,10 +21,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -100,11 +100,23 @@ pub(crate) fn serve(opening: Box<Opening>) -> impl Future<Output = ()> + Send {
             }
         };
         match split(upgraded) {
-            Some(Split::Tcp(reader, writer, socket)) => {
-                run(node, id, principal, mode, reader, writer, Some(socket)).await
+            Some(Split::Tcp(early, reader, writer, socket)) => {
+                let io = Halves {
+                    early,
+                    reader,
+                    writer,
+                    socket: Some(socket),
+                };
+                run(node, id, principal, mode, io).await
             }
-            Some(Split::Tls(reader, writer)) => {
-                run(node, id, principal, mode, reader, writer, None).await
+            Some(Split::Tls(early, reader, writer)) => {
+                let io = Halves {
+                    early,
+                    reader,
+                    writer,
+                    socket: None,
+                };
+                run(node, id, principal, mode, io).await
             }
             None => debug!("upgraded on a transport the listener does not make"),
         }
@@ -113,17 +125,15 @@ pub(crate) fn serve(opening: Box<Opening>) -> impl Future<Output = ()> + Send {
 }
 
 enum Split {
-    /// The plain TCP case: the socket shared by the reader, the writer and
-    /// the outbox (direct delivery), no lock between them.
-    Tcp(
-        tokio::io::Chain<std::io::Cursor<Bytes>, SharedTcp>,
-        SharedTcp,
-        Arc<TcpStream>,
-    ),
+    /// The plain TCP case: the bytes that came behind the handshake, and the
+    /// socket shared by the reader, the writer and the outbox (direct
+    /// delivery), no lock between them.
+    Tcp(BytesMut, SharedTcp, SharedTcp, Arc<TcpStream>),
     /// TLS: the stream holds rustls's state, which reading and writing both
     /// change, so the halves share it through a lock.
     Tls(
-        tokio::io::Chain<std::io::Cursor<Bytes>, tokio::io::ReadHalf<TlsStream>>,
+        BytesMut,
+        tokio::io::ReadHalf<TlsStream>,
         tokio::io::WriteHalf<TlsStream>,
     ),
 }
@@ -203,15 +213,16 @@ impl AsyncWrite for SharedTcp {
 /// Takes the connection back from hyper: a plain socket or a TLS stream,
 /// the two transports the listener makes.
 fn split(upgraded: Upgraded) -> Option<Split> {
-    // Bytes the client sent right behind its handshake come first. They are
-    // copied out: the slice would otherwise keep hyper's whole read buffer
-    // alive for the life of the connection.
+    // Bytes the client sent right behind its handshake are read first. They
+    // are copied out: the slice would otherwise keep hyper's whole read
+    // buffer alive for the life of the connection.
     let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let socket = Arc::new(parts.io.into_inner());
-            let early = Bytes::copy_from_slice(&parts.read_buf);
+            let early = BytesMut::from(&parts.read_buf[..]);
             return Some(Split::Tcp(
-                std::io::Cursor::new(early).chain(SharedTcp(socket.clone())),
+                early,
+                SharedTcp(socket.clone()),
                 SharedTcp(socket.clone()),
                 socket,
             ));
@@ -219,23 +230,32 @@ fn split(upgraded: Upgraded) -> Option<Split> {
         Err(upgraded) => upgraded,
     };
     let parts = upgraded.downcast::<TokioIo<TlsStream>>().ok()?;
-    let early = Bytes::copy_from_slice(&parts.read_buf);
+    let early = BytesMut::from(&parts.read_buf[..]);
     let (read, write) = tokio::io::split(parts.io.into_inner());
-    Some(Split::Tls(std::io::Cursor::new(early).chain(read), write))
+    Some(Split::Tls(early, read, write))
 }
 
-async fn run<R, W>(
-    node: Node,
-    id: ConnectionId,
-    principal: Principal,
-    mode: Mode,
+/// A connection's transport, split.
+struct Halves<R, W> {
+    /// What the client sent behind its handshake, read before `reader`.
+    early: BytesMut,
     reader: R,
     writer: W,
+    /// The plain TCP socket, for direct delivery.
     socket: Option<Arc<TcpStream>>,
-) where
+}
+
+async fn run<R, W>(node: Node, id: ConnectionId, principal: Principal, mode: Mode, io: Halves<R, W>)
+where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let Halves {
+        early,
+        reader,
+        writer,
+        socket,
+    } = io;
     let limits = &node.config.limits;
     let outbox = Arc::new(Outbox::new(
         QueueLimits {
@@ -291,7 +311,8 @@ async fn run<R, W>(
         limits.max_message_bytes,
         limits.frame_timeout,
         requests,
-    );
+    )
+    .with_received(early);
     let mut session = Session::new(node.clone(), id, principal, mode, outbox.clone());
 
     let reason = {

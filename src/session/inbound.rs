@@ -144,7 +144,8 @@ pub struct FrameReader<R> {
     /// `limits.max_message_bytes`, inclusive, for a frame or a whole message.
     max_message: usize,
     /// A fragmented message being assembled.
-    fragments: Option<Fragments>,
+    /// Boxed: rare, and every idle connection would keep room for it.
+    fragments: Option<Box<Fragments>>,
     /// `limits.requests_per_second`: every data frame and ping takes a token,
     /// so a flood of empty fragments is as limited as a flood of requests.
     requests: TokenBucket,
@@ -191,6 +192,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             frame_timeout,
             partial_since: None,
         }
+    }
+
+    /// Starts with `bytes` already received (what came behind the upgrade
+    /// handshake), read before anything from the transport.
+    pub fn with_received(mut self, bytes: BytesMut) -> FrameReader<R> {
+        self.buffer = bytes;
+        self
     }
 
     /// Reads until at least `wanted` bytes are buffered, calling `activity`
@@ -310,7 +318,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     message.complete().map(Some)
                 } else {
                     message.check_utf8()?;
-                    self.fragments = Some(message);
+                    self.fragments = Some(Box::new(message));
                     Ok(None)
                 }
             }
