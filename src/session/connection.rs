@@ -19,14 +19,15 @@ use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span};
 
@@ -39,7 +40,7 @@ use crate::rate::TokenBucket;
 pub(crate) use crate::session::Mode;
 use crate::session::Session;
 use crate::session::inbound::{FrameReader, Inbound, ReadError};
-use crate::session::outbox::{Closing, Outbox, QueueLimits};
+use crate::session::outbox::{Closing, Drained, Outbox, QueueLimits};
 use crate::session::write_batch::WriteBatch;
 use crate::transport::admission::Admitted;
 use crate::transport::tls_stream::TlsStream;
@@ -245,103 +246,118 @@ struct Halves<R, W> {
     socket: Option<Arc<TcpStream>>,
 }
 
-async fn run<R, W>(node: Node, id: ConnectionId, principal: Principal, mode: Mode, io: Halves<R, W>)
+/// Not an `async fn`: one of those moves its arguments into locals beside
+/// the slots they arrived in, and the future, which the connection holds for
+/// life, keeps both; this block uses them where they were captured.
+#[allow(clippy::manual_async_fn)] // deliberate: see above
+fn run<R, W>(
+    node: Node,
+    id: ConnectionId,
+    principal: Principal,
+    mode: Mode,
+    io: Halves<R, W>,
+) -> impl Future<Output = ()> + Send
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let Halves {
-        early,
-        reader,
-        writer,
-        socket,
-    } = io;
-    let limits = &node.config.limits;
-    let outbox = Arc::new(Outbox::new(
-        QueueLimits {
-            messages: limits.queue_messages,
-            bytes: limits.queue_bytes,
-        },
-        principal.expires_at,
-        node.metrics.clone(),
-    ));
-    if !mode.echoes() {
-        outbox.push_reply(
-            ServerFrame::Welcome {
-                connection_id: id,
-                node_id: &node.id,
-                user: &principal.user,
-                protocol: protocol::SUBPROTOCOL,
-                ping_interval_ms: node.config.ping.interval.as_millis() as u64,
-                expires_at: principal.expires_at,
-            }
-            .encode(),
-        );
-    }
-    if let Some(socket) = socket.filter(|_| node.config.server.direct_delivery) {
-        outbox.attach_socket(socket);
-    }
-    let open = OpenConnection::new(&node.metrics);
-    let _registered = Registered::new(&node, id, &outbox);
-
-    let settings = WriterSettings {
-        ping_interval: node.config.ping.interval,
-        ping_timeout: node.config.ping.timeout,
-        write_timeout: limits.write_timeout,
-    };
-    // The writer runs beside the reader in this task, not in one of its own:
-    // a task costs its header and a wake-up, and the `select!` below polls
-    // both without ever dropping the reader mid-frame.
-    let writer = write_loop(
-        writer,
-        outbox.clone(),
-        settings,
-        node.shutdown.clone(),
-        node.metrics.clone(),
-    );
-    tokio::pin!(writer);
-
-    let requests = TokenBucket::new(
-        limits.requests_per_second,
-        limits.request_burst as f64,
-        Instant::now(),
-    );
-    let mut frames = FrameReader::new(
-        reader,
-        limits.max_message_bytes,
-        limits.frame_timeout,
-        requests,
-    )
-    .with_received(early);
-    let mut session = Session::new(node.clone(), id, principal, mode, outbox.clone());
-
-    let reason = {
-        let reader = read_loop(&mut frames, &mut session);
-        tokio::pin!(reader);
-        tokio::select! {
-            exit = &mut reader => {
-                let (code, reason) = match exit {
-                    ReaderExit::ClientClosed => (CloseCode::Normal, "client_closed"),
-                    ReaderExit::Lost => (CloseCode::Normal, "connection_lost"),
-                    ReaderExit::Violation(code) => (code, code.reason()),
-                };
-                outbox.close(code);
-                let _ = tokio::time::timeout(settings.write_timeout + CLOSE_GRACE, &mut writer).await;
-                reason
-            }
-            reason = &mut writer => {
-                // The node closed; let the client answer the close frame.
-                let _ = tokio::time::timeout(CLOSE_GRACE, &mut reader).await;
-                reason
-            }
+    async move {
+        let Halves {
+            early,
+            reader,
+            writer,
+            socket,
+        } = io;
+        let limits = &node.config.limits;
+        let outbox = Arc::new(Outbox::new(
+            QueueLimits {
+                messages: limits.queue_messages,
+                bytes: limits.queue_bytes,
+            },
+            principal.expires_at,
+            node.metrics.clone(),
+        ));
+        if !mode.echoes() {
+            outbox.push_reply(
+                ServerFrame::Welcome {
+                    connection_id: id,
+                    node_id: &node.id,
+                    user: &principal.user,
+                    protocol: protocol::SUBPROTOCOL,
+                    ping_interval_ms: node.config.ping.interval.as_millis() as u64,
+                    expires_at: principal.expires_at,
+                }
+                .encode(),
+            );
         }
-    };
-    drop(session);
-    // The hub may still hold the outbox for a moment; the socket must not
-    // wait for it to close.
-    outbox.detach_socket();
-    debug!(reason, "closed");
-    open.close(reason);
+        if let Some(socket) = socket.filter(|_| node.config.server.direct_delivery) {
+            outbox.attach_socket(socket);
+        }
+        let open = OpenConnection::new(&node.metrics);
+        let _registered = Registered::new(&node, id, &outbox);
+
+        let settings = WriterSettings {
+            ping_interval: node.config.ping.interval,
+            ping_timeout: node.config.ping.timeout,
+            write_timeout: limits.write_timeout,
+        };
+        // The writer runs beside the reader in this task, not in one of its own:
+        // a task costs its header and a wake-up, and the `select!` below polls
+        // both without ever dropping the reader mid-frame.
+        let writer = write_loop(
+            writer,
+            outbox.clone(),
+            settings,
+            node.shutdown.clone(),
+            node.metrics.clone(),
+        );
+        tokio::pin!(writer);
+
+        let requests = TokenBucket::new(
+            limits.requests_per_second,
+            limits.request_burst as f64,
+            Instant::now(),
+        );
+        let mut frames = FrameReader::new(
+            reader,
+            limits.max_message_bytes,
+            limits.frame_timeout,
+            requests,
+        )
+        .with_received(early);
+        let mut session = Session::new(node.clone(), id, principal, mode, outbox.clone());
+
+        let reason = {
+            let reader = read_loop(&mut frames, &mut session);
+            tokio::pin!(reader);
+            tokio::select! {
+                exit = &mut reader => {
+                    let (code, reason) = match exit {
+                        ReaderExit::ClientClosed => (CloseCode::Normal, "client_closed"),
+                        ReaderExit::Lost => (CloseCode::Normal, "connection_lost"),
+                        ReaderExit::Violation(code) => (code, code.reason()),
+                    };
+                    outbox.close(code);
+                    // The timers are boxed: made once, at the close, they would
+                    // otherwise be reserved in the future for its whole life.
+                    let grace = settings.write_timeout + CLOSE_GRACE;
+                    let _ = Box::pin(tokio::time::timeout(grace, &mut writer)).await;
+                    reason
+                }
+                reason = &mut writer => {
+                    // The node closed; let the client answer the close frame.
+                    let _ = Box::pin(tokio::time::timeout(CLOSE_GRACE, &mut reader)).await;
+                    reason
+                }
+            }
+        };
+        drop(session);
+        // The hub may still hold the outbox for a moment; the socket must not
+        // wait for it to close.
+        outbox.detach_socket();
+        debug!(reason, "closed");
+        open.close(reason);
+    }
 }
 
 /// Lists the session in the node's registry (for the paced drain) for as long
@@ -447,129 +463,149 @@ struct WriterSettings {
 }
 
 /// Writes everything the connection sends. Returns the close reason.
-async fn write_loop<W>(
+///
+/// Not an `async fn`, for the reason given at [`run`]. One timer serves every
+/// deadline the writer has (ping, pong, token expiry, a held message, a write
+/// that makes no progress, the close), so the future reserves one.
+#[allow(clippy::manual_async_fn)] // deliberate: see above
+fn write_loop<W>(
     mut io: W,
     outbox: Arc<Outbox>,
     settings: WriterSettings,
     shutdown: CancellationToken,
     metrics: Metrics,
-) -> &'static str
+) -> impl Future<Output = &'static str>
 where
     W: AsyncWrite + Unpin,
 {
-    let cancelled = shutdown.cancelled();
-    tokio::pin!(cancelled);
-    let mut shutting_down = false;
-    let mut frames: Vec<Bytes> = Vec::new();
-    let mut batch = WriteBatch::default();
-    let mut next_ping = Instant::now() + settings.ping_interval;
-    // When the outstanding ping was sent, and when its answer is due.
-    let mut awaiting_pong: Option<(Instant, Instant)> = None;
-    let timer = tokio::time::sleep_until(next_ping);
-    tokio::pin!(timer);
-    let mut timer_fired = false;
+    async move {
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let mut shutting_down = false;
+        let mut frames: Vec<Bytes> = Vec::new();
+        let mut batch = WriteBatch::default();
+        let mut next_ping = Instant::now() + settings.ping_interval;
+        // When the outstanding ping was sent, and when its answer is due.
+        let mut awaiting_pong: Option<(Instant, Instant)> = None;
+        let timer = tokio::time::sleep_until(next_ping);
+        tokio::pin!(timer);
+        let mut timer_fired = false;
 
-    loop {
-        // Checked on every pass, not only in the `select!` below: a writer with
-        // a standing backlog goes round without waiting, and must still start
-        // its close (after flushing what is queued) when the node drains.
-        if !shutting_down && shutdown.is_cancelled() {
-            shutting_down = true;
-            outbox.close(CloseCode::GoingAway);
-        }
-        let now = Instant::now();
-        let ping = now >= next_ping;
-        if ping {
-            if awaiting_pong.is_none() {
-                awaiting_pong = Some((now, now + settings.ping_timeout));
-            }
-            next_ping = now + settings.ping_interval;
-        }
-        if let Some((sent, due)) = awaiting_pong {
-            if outbox.last_activity() >= sent {
-                awaiting_pong = None;
-            } else if now >= due {
-                outbox.close(CloseCode::PingTimeout);
-            }
-        }
-        let expiry = unix_to_instant(outbox.expires_at(), now);
-        if now >= expiry {
-            outbox.close(CloseCode::TokenExpired);
-        }
-        let mut drained = outbox.drain(&mut frames, MAX_BATCH_BYTES, now);
-        // The rest of a frame a push began writing goes first: nothing may
-        // come between its bytes, a control frame no more than another.
-        if let Some(partial) = drained.partial.take() {
-            batch.push_raw(partial);
-        }
-        if ping {
-            batch.push_copied(Opcode::Ping, b"");
-        }
-        for payload in &drained.pongs {
-            batch.push_copied(Opcode::Pong, payload);
-        }
-        let opcode = if drained.binary {
-            Opcode::Binary
-        } else {
-            Opcode::Text
-        };
-        for frame in frames.drain(..) {
-            batch.push(opcode, frame);
-        }
-        let reason = drained.closing.as_ref().map(|closing| match closing {
-            Closing::Code(code) => {
-                batch.push_copied(Opcode::Close, &protocol::close_payload(*code));
-                code.reason()
-            }
-            Closing::Echo(payload) => {
-                batch.push_copied(Opcode::Close, payload);
-                "client_closed"
-            }
-        });
-        if !batch.is_done() {
-            match write_with_progress(&mut io, &mut batch, settings.write_timeout).await {
-                Ok(()) => metrics.frames_delivered(drained.messages),
-                Err(WriteFailure::Lost) => return "connection_lost",
-                // The socket is stuck, so no close frame can be sent either.
-                Err(WriteFailure::Stalled) => return CloseCode::SlowConsumer.reason(),
-            }
-        }
-        if let Some(reason) = reason {
-            let _ = tokio::time::timeout(CLOSE_GRACE, io.shutdown()).await;
-            return reason;
-        }
-        if drained.more {
-            // Busy: the buffers are reused for the next batch at once.
-            batch.clear();
-            continue;
-        }
-        // About to wait: an idle connection holds no write buffer.
-        batch.release();
-        frames = Vec::new();
-
-        let mut deadline = next_ping.min(expiry);
-        if let Some((_, due)) = awaiting_pong {
-            deadline = deadline.min(due);
-        }
-        if let Some(due) = drained.next_release {
-            deadline = deadline.min(due);
-        }
-        // Re-arming the timer costs a timer-wheel update, so it is done only
-        // when the deadline moved or the timer has fired.
-        if timer_fired || timer.deadline() != deadline {
-            timer.as_mut().reset(deadline);
-        }
-        timer_fired = false;
-        // From here until the next drain, pushes may write on the spot.
-        outbox.park();
-        tokio::select! {
-            biased;
-            _ = &mut cancelled, if !shutting_down => {
+        loop {
+            // Checked on every pass, not only in the `select!` below: a writer with
+            // a standing backlog goes round without waiting, and must still start
+            // its close (after flushing what is queued) when the node drains.
+            if !shutting_down && shutdown.is_cancelled() {
                 shutting_down = true;
                 outbox.close(CloseCode::GoingAway);
             }
-            _ = outbox.changed() => {}
-            _ = &mut timer => timer_fired = true,
+            let now = Instant::now();
+            let ping = now >= next_ping;
+            if ping {
+                if awaiting_pong.is_none() {
+                    awaiting_pong = Some((now, now + settings.ping_timeout));
+                }
+                next_ping = now + settings.ping_interval;
+            }
+            if let Some((sent, due)) = awaiting_pong {
+                if outbox.last_activity() >= sent {
+                    awaiting_pong = None;
+                } else if now >= due {
+                    outbox.close(CloseCode::PingTimeout);
+                }
+            }
+            let expiry = unix_to_instant(outbox.expires_at(), now);
+            if now >= expiry {
+                outbox.close(CloseCode::TokenExpired);
+            }
+            // Taken apart at once: only the fields needed after the write are
+            // kept across it.
+            let Drained {
+                partial,
+                binary,
+                pongs,
+                closing,
+                messages,
+                more,
+                next_release,
+            } = outbox.drain(&mut frames, MAX_BATCH_BYTES, now);
+            // The rest of a frame a push began writing goes first: nothing may
+            // come between its bytes, a control frame no more than another.
+            if let Some(partial) = partial {
+                batch.push_raw(partial);
+            }
+            if ping {
+                batch.push_copied(Opcode::Ping, b"");
+            }
+            for payload in pongs {
+                batch.push_copied(Opcode::Pong, &payload);
+            }
+            let opcode = if binary { Opcode::Binary } else { Opcode::Text };
+            for frame in frames.drain(..) {
+                batch.push(opcode, frame);
+            }
+            let reason = closing.map(|closing| match closing {
+                Closing::Code(code) => {
+                    batch.push_copied(Opcode::Close, &protocol::close_payload(code));
+                    code.reason()
+                }
+                Closing::Echo(payload) => {
+                    batch.push_copied(Opcode::Close, &payload);
+                    "client_closed"
+                }
+            });
+            if !batch.is_done() {
+                let written = write_with_progress(
+                    &mut io,
+                    &mut batch,
+                    timer.as_mut(),
+                    settings.write_timeout,
+                );
+                match written.await {
+                    Ok(()) => metrics.frames_delivered(messages),
+                    Err(WriteFailure::Lost) => return "connection_lost",
+                    // The socket is stuck, so no close frame can be sent either.
+                    Err(WriteFailure::Stalled) => return CloseCode::SlowConsumer.reason(),
+                }
+            }
+            if let Some(reason) = reason {
+                let shutdown = std::future::poll_fn(|cx| Pin::new(&mut io).poll_shutdown(cx));
+                let _ = within(timer.as_mut(), CLOSE_GRACE, shutdown).await;
+                return reason;
+            }
+            if more {
+                // Busy: the buffers are reused for the next batch at once.
+                batch.clear();
+                continue;
+            }
+            // About to wait: an idle connection holds no write buffer.
+            batch.release();
+            frames = Vec::new();
+
+            let mut deadline = next_ping.min(expiry);
+            if let Some((_, due)) = awaiting_pong {
+                deadline = deadline.min(due);
+            }
+            if let Some(due) = next_release {
+                deadline = deadline.min(due);
+            }
+            // Re-arming the timer costs a timer-wheel update, so it is done only
+            // when the deadline moved or the timer has fired.
+            if timer_fired || timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            timer_fired = false;
+            // From here until the next drain, pushes may write on the spot.
+            outbox.park();
+            tokio::select! {
+                biased;
+                _ = &mut cancelled, if !shutting_down => {
+                    shutting_down = true;
+                    outbox.close(CloseCode::GoingAway);
+                }
+                _ = outbox.changed() => {}
+                _ = &mut timer => timer_fired = true,
+            }
         }
     }
 }
@@ -590,6 +626,7 @@ enum WriteFailure {
 async fn write_with_progress<W>(
     io: &mut W,
     batch: &mut WriteBatch,
+    mut timer: Pin<&mut Sleep>,
     timeout: Duration,
 ) -> Result<(), WriteFailure>
 where
@@ -604,17 +641,43 @@ where
             let used = batch.io_slices(&mut slices);
             Pin::new(&mut *io).poll_write_vectored(cx, &slices[..used])
         });
-        match tokio::time::timeout(timeout, write).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Err(WriteFailure::Lost),
-            Ok(Ok(written)) => batch.advance(written),
-            Err(_) => return Err(WriteFailure::Stalled),
+        match within(timer.as_mut(), timeout, write).await {
+            Some(Ok(0)) | Some(Err(_)) => return Err(WriteFailure::Lost),
+            Some(Ok(written)) => batch.advance(written),
+            None => return Err(WriteFailure::Stalled),
         }
     }
-    match tokio::time::timeout(timeout, io.flush()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(WriteFailure::Lost),
-        Err(_) => Err(WriteFailure::Stalled),
+    let flush = std::future::poll_fn(|cx| Pin::new(&mut *io).poll_flush(cx));
+    match within(timer, timeout, flush).await {
+        Some(Ok(())) => Ok(()),
+        Some(Err(_)) => Err(WriteFailure::Lost),
+        None => Err(WriteFailure::Stalled),
     }
+}
+
+/// `future`, or `None` once it has waited `timeout`: `tokio::time::timeout`
+/// on the writer's own timer, which is armed only when `future` first waits
+/// (as `Timeout` arms its own), so a write the socket takes at once touches
+/// no timer. The caller re-arms the timer for its next deadline.
+fn within<F>(
+    mut timer: Pin<&mut Sleep>,
+    timeout: Duration,
+    mut future: F,
+) -> impl Future<Output = Option<F::Output>>
+where
+    F: Future + Unpin,
+{
+    let mut armed = false;
+    std::future::poll_fn(move |cx| {
+        if let Poll::Ready(output) = Pin::new(&mut future).poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        if !armed {
+            timer.as_mut().reset(Instant::now() + timeout);
+            armed = true;
+        }
+        timer.as_mut().poll(cx).map(|()| None)
+    })
 }
 
 /// Converts a Unix time in seconds into a deadline on the tokio clock.
