@@ -470,7 +470,7 @@ drain)
     done
     ;;
 faults-ci)
-    # The CI-sized Redis-kill and CLIENT KILL faults (loadtest/tests/faults.rs).
+    # The CI-sized Redis-kill, CLIENT KILL and pause faults (loadtest/tests/faults.rs).
     cargo test -q -p herald-loadtest --test faults
     ;;
 history-kills)

@@ -1,5 +1,5 @@
-//! The Redis faults of `loadtest/bench.sh faults-redis-kill` and
-//! `faults-client-kill`, at a size that fits CI: a herald node in this
+//! The Redis faults of `loadtest/bench.sh faults-redis-kill`,
+//! `faults-client-kill` and `faults-redis-pause`, at a size that fits CI: a herald node in this
 //! process, its own `redis-server` on a free port, 50 subscribers over two
 //! channels and 200 messages/s published through Redis. The tool asserts
 //! the outcome itself (`--check`, `--expect-metric`) and exits 1 when an
@@ -14,12 +14,17 @@ use herald::config::{BrokerKind, RedisUrl};
 use serde_json::Value;
 
 async fn redis_node(redis: &Redis) -> Node {
+    redis_node_with(redis, |_| {}).await
+}
+
+async fn redis_node_with(redis: &Redis, more: impl FnOnce(&mut herald::config::Config)) -> Node {
     let url = redis.url();
     Node::start_with(|config| {
         config.broker.kind = BrokerKind::Redis;
         config.broker.url = Some(RedisUrl::new(url));
         // A short outage should not leave the node waiting out a long backoff.
         config.broker.reconnect_max = Duration::from_millis(500);
+        more(config);
     })
     .await
 }
@@ -131,5 +136,41 @@ async fn client_kill_every_second_is_announced_each_time() {
         .expect("the kills are logged");
     assert_eq!(kills.len(), 4, "{summary:#}");
     assert!(number(&summary, "loss.min_gaps_per_subscriber") >= 4);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_paused_past_the_probe_is_detected_and_announced() {
+    let redis = Redis::start();
+    // The pause (2 s) outlasts a probe interval plus its timeout (0.8 s), so
+    // only the probe can notice it: the connection stays open throughout.
+    let node = redis_node_with(&redis, |config| {
+        config.broker.probe_interval = Duration::from_millis(500);
+        config.broker.probe_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut args = load(&node, &redis);
+    args.extend([
+        "--fault-exec".to_owned(),
+        format!("1.5s=redis-cli -u {} client pause 2000 all", redis.url()),
+    ]);
+    args.extend(strings(&[
+        "--check",
+        "loss-only-in-outage",
+        "--check",
+        "loss-announced",
+        "--check",
+        "gap-every-subscriber",
+        "--check",
+        "no-disconnects",
+        "--expect-metric",
+        "increase(herald_broker_probe_failures_total)>=1",
+        "--expect-metric",
+        "increase(herald_broker_reconnects_total)>=1",
+    ]));
+    let summary = run_tool("redis-pause", &args).await;
+    assert_eq!(number(&summary, "loss.lost_outside_outage"), 0);
+    assert_eq!(number(&summary, "loss.unannounced_runs"), 0);
+    assert_eq!(number(&summary, "loss.subscribers_without_gap"), 0);
     node.shutdown().await;
 }
