@@ -86,6 +86,8 @@ pub(crate) struct NodeState {
     /// remaining connection closes at once, the listener closes and the broker
     /// stops.
     shutdown: CancellationToken,
+    /// What every session's writer reads: pings, timeouts, the shutdown.
+    writer: Arc<session::connection::WriterSettings>,
     /// Every open WebSocket session's outbox, so that the drain can close them
     /// one by one. Bounded by `limits.max_connections`.
     sessions: std::sync::Mutex<std::collections::HashMap<ConnectionId, Arc<Outbox>>>,
@@ -99,7 +101,7 @@ pub(crate) struct NodeState {
 }
 
 impl NodeState {
-    fn next_connection_id(&self) -> ConnectionId {
+    pub(crate) fn next_connection_id(&self) -> ConnectionId {
         self.next_connection_id.fetch_add(1, Ordering::Relaxed)
     }
 }
@@ -180,12 +182,20 @@ async fn start(config: Config) -> Result<Node, StartError> {
         config.broker.history_check_interval,
         shutdown.clone(),
     ));
+    let writer = Arc::new(session::connection::WriterSettings {
+        ping_interval: config.ping.interval,
+        ping_timeout: config.ping.timeout,
+        write_timeout: config.limits.write_timeout,
+        shutdown: shutdown.clone(),
+        metrics: metrics.clone(),
+    });
     Ok(Arc::new(NodeState {
         id,
         auth,
         hub,
         broker,
         metrics,
+        writer,
         draining: AtomicBool::new(false),
         next_connection_id: AtomicU64::new(1),
         admission: Admission::from_config(&config)?,

@@ -23,19 +23,20 @@ use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::Either;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, debug_span};
+use tracing::{Span, debug, debug_span};
 
 use crate::Node;
 use crate::auth::Principal;
 use crate::hub::ConnectionId;
 use crate::metrics::Metrics;
-use crate::protocol::{self, CloseCode, Opcode, ServerFrame};
+use crate::protocol::{self, CloseCode, Opcode};
 use crate::rate::TokenBucket;
 pub(crate) use crate::session::Mode;
 use crate::session::Session;
@@ -60,6 +61,8 @@ const MAX_WRITE_SLICES: usize = 64;
 /// it moved on to use.
 pub(crate) struct Opening {
     pub node: Node,
+    /// From the node's connection counter.
+    pub id: ConnectionId,
     pub upgrade: fastwebsockets::upgrade::UpgradeFut,
     pub principal: Principal,
     pub peer: SocketAddr,
@@ -68,24 +71,31 @@ pub(crate) struct Opening {
     pub admitted: Admitted,
 }
 
-/// Runs a session on an upgraded connection until it closes.
-pub(crate) fn serve(opening: Box<Opening>) -> impl Future<Output = ()> + Send {
-    let id = opening.node.next_connection_id();
-    // A debug span: at the default `info` level there is none, since an
-    // enabled span is kept in the log subscriber's registry, with its fields
-    // formatted, for as long as the connection lives (568 bytes per idle
-    // connection, measured with `LOG_LEVEL=info loadtest/bench.sh memory`).
-    // Nothing in a session logs above debug.
-    let span = debug_span!(
+/// The connection's log span. A debug span: at the default `info` level
+/// there is none, since an enabled span is kept in the log subscriber's
+/// registry, with its fields formatted, for as long as the connection lives
+/// (568 bytes per idle connection, measured with
+/// `LOG_LEVEL=info loadtest/bench.sh memory`). Nothing in a session logs above
+/// debug. The caller instruments the session with it only when it is
+/// enabled: a disabled span still takes 40 bytes in the future.
+pub(crate) fn span(opening: &Opening) -> Span {
+    debug_span!(
         "conn",
         node = %opening.node.id,
-        conn = id,
+        conn = opening.id,
         user = %opening.principal.user,
         peer = %opening.peer
-    );
+    )
+}
+
+/// Runs a session on an upgraded connection until it closes. Not an
+/// `async fn`, for the reason given at [`run`].
+#[allow(clippy::manual_async_fn)] // deliberate: see above
+pub(crate) fn serve(opening: Box<Opening>) -> impl Future<Output = ()> + Send {
     async move {
         let Opening {
             node,
+            id,
             upgrade,
             principal,
             peer: _,
@@ -100,29 +110,37 @@ pub(crate) fn serve(opening: Box<Opening>) -> impl Future<Output = ()> + Send {
                 return;
             }
         };
-        match split(upgraded) {
-            Some(Split::Tcp(early, reader, writer, socket)) => {
-                let io = Halves {
-                    early,
-                    reader,
-                    writer,
-                    socket: Some(socket),
-                };
-                run(node, id, principal, mode, io).await
+        // The session's future is made here and awaited after the `let`:
+        // awaited inside the `match`, it would keep the matched `Split` for
+        // life beside the parts moved out of it.
+        let session = match split(upgraded) {
+            Some(Split::Tcp(early, reader, writer, socket)) => Either::Left(run(Box::new(Start {
+                node,
+                id,
+                principal,
+                mode,
+                early,
+                reader,
+                writer,
+                socket: Some(socket),
+            }))),
+            Some(Split::Tls(early, reader, writer)) => Either::Right(run(Box::new(Start {
+                node,
+                id,
+                principal,
+                mode,
+                early,
+                reader,
+                writer,
+                socket: None,
+            }))),
+            None => {
+                debug!("upgraded on a transport the listener does not make");
+                return;
             }
-            Some(Split::Tls(early, reader, writer)) => {
-                let io = Halves {
-                    early,
-                    reader,
-                    writer,
-                    socket: None,
-                };
-                run(node, id, principal, mode, io).await
-            }
-            None => debug!("upgraded on a transport the listener does not make"),
-        }
+        };
+        session.await
     }
-    .instrument(span)
 }
 
 enum Split {
@@ -236,8 +254,13 @@ fn split(upgraded: Upgraded) -> Option<Split> {
     Some(Split::Tls(early, read, write))
 }
 
-/// A connection's transport, split.
-struct Halves<R, W> {
+/// What a session's task runs on, boxed like [`Opening`] and unpacked at
+/// once: a future keeps its arguments for life, so it keeps one pointer.
+struct Start<R, W> {
+    node: Node,
+    id: ConnectionId,
+    principal: Principal,
+    mode: Mode,
     /// What the client sent behind its handshake, read before `reader`.
     early: BytesMut,
     reader: R,
@@ -250,24 +273,22 @@ struct Halves<R, W> {
 /// the slots they arrived in, and the future, which the connection holds for
 /// life, keeps both; this block uses them where they were captured.
 #[allow(clippy::manual_async_fn)] // deliberate: see above
-fn run<R, W>(
-    node: Node,
-    id: ConnectionId,
-    principal: Principal,
-    mode: Mode,
-    io: Halves<R, W>,
-) -> impl Future<Output = ()> + Send
+fn run<R, W>(start: Box<Start<R, W>>) -> impl Future<Output = ()> + Send
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     async move {
-        let Halves {
+        let Start {
+            node,
+            id,
+            principal,
+            mode,
             early,
             reader,
             writer,
             socket,
-        } = io;
+        } = *start;
         let limits = &node.config.limits;
         let outbox = Arc::new(Outbox::new(
             QueueLimits {
@@ -277,40 +298,20 @@ where
             principal.expires_at,
             node.metrics.clone(),
         ));
-        if !mode.echoes() {
-            outbox.push_reply(
-                ServerFrame::Welcome {
-                    connection_id: id,
-                    node_id: &node.id,
-                    user: &principal.user,
-                    protocol: protocol::SUBPROTOCOL,
-                    ping_interval_ms: node.config.ping.interval.as_millis() as u64,
-                    expires_at: principal.expires_at,
-                }
-                .encode(),
-            );
-        }
+        // The principal moves into the session unborrowed, so that the future
+        // keeps no second copy of it; the session sends the welcome.
+        let mut session = Session::new(node.clone(), id, principal, mode, outbox.clone());
+        session.welcome();
         if let Some(socket) = socket.filter(|_| node.config.server.direct_delivery) {
             outbox.attach_socket(socket);
         }
         let open = OpenConnection::new(&node.metrics);
         let _registered = Registered::new(&node, id, &outbox);
 
-        let settings = WriterSettings {
-            ping_interval: node.config.ping.interval,
-            ping_timeout: node.config.ping.timeout,
-            write_timeout: limits.write_timeout,
-        };
         // The writer runs beside the reader in this task, not in one of its own:
         // a task costs its header and a wake-up, and the `select!` below polls
         // both without ever dropping the reader mid-frame.
-        let writer = write_loop(
-            writer,
-            outbox.clone(),
-            settings,
-            node.shutdown.clone(),
-            node.metrics.clone(),
-        );
+        let writer = write_loop(writer, outbox.clone(), node.writer.clone());
         tokio::pin!(writer);
 
         let requests = TokenBucket::new(
@@ -325,7 +326,6 @@ where
             requests,
         )
         .with_received(early);
-        let mut session = Session::new(node.clone(), id, principal, mode, outbox.clone());
 
         let reason = {
             let reader = read_loop(&mut frames, &mut session);
@@ -340,7 +340,7 @@ where
                     outbox.close(code);
                     // The timers are boxed: made once, at the close, they would
                     // otherwise be reserved in the future for its whole life.
-                    let grace = settings.write_timeout + CLOSE_GRACE;
+                    let grace = limits.write_timeout + CLOSE_GRACE;
                     let _ = Box::pin(tokio::time::timeout(grace, &mut writer)).await;
                     reason
                 }
@@ -428,167 +428,223 @@ enum ReaderExit {
     Violation(CloseCode),
 }
 
-async fn read_loop<R>(frames: &mut FrameReader<R>, session: &mut Session) -> ReaderExit
+/// Not an `async fn`, for the reason given at [`run`].
+#[allow(clippy::manual_async_fn)] // deliberate: see above
+fn read_loop<'a, R>(
+    frames: &'a mut FrameReader<R>,
+    session: &'a mut Session,
+) -> impl Future<Output = ReaderExit> + 'a
 where
     R: AsyncRead + Unpin,
 {
-    let outbox = session.outbox.clone();
-    let mut activity = || outbox.touch();
-    loop {
-        let inbound = match frames.next(&mut activity).await {
-            Ok(inbound) => inbound,
-            Err(ReadError::Lost) => return ReaderExit::Lost,
-            Err(ReadError::Violation(code)) => return ReaderExit::Violation(code),
-        };
-        match inbound {
-            // Boxed: a request's state (its parsed form, a reply being
-            // built) takes memory only while it is handled.
-            Inbound::Text(text) => Box::pin(session.on_text(text)).await,
-            Inbound::Binary(bytes) => session.on_binary(bytes),
-            Inbound::Ping(payload) => session.outbox.pong(Bytes::from(payload)),
-            Inbound::Pong => {}
-            Inbound::Close(payload) => {
-                session.outbox.echo_close(Bytes::from(payload));
-                return ReaderExit::ClientClosed;
+    async move {
+        let outbox = session.outbox.clone();
+        let mut activity = || outbox.touch();
+        loop {
+            let inbound = match frames.next(&mut activity).await {
+                Ok(inbound) => inbound,
+                Err(ReadError::Lost) => return ReaderExit::Lost,
+                Err(ReadError::Violation(code)) => return ReaderExit::Violation(code),
+            };
+            match inbound {
+                // Boxed: a request's state (its parsed form, a reply being
+                // built) takes memory only while it is handled.
+                Inbound::Text(text) => Box::pin(session.on_text(text)).await,
+                Inbound::Binary(bytes) => session.on_binary(bytes),
+                Inbound::Ping(payload) => session.outbox.pong(Bytes::from(payload)),
+                Inbound::Pong => {}
+                Inbound::Close(payload) => {
+                    session.outbox.echo_close(Bytes::from(payload));
+                    return ReaderExit::ClientClosed;
+                }
             }
         }
     }
 }
 
-#[derive(Clone, Copy)]
-struct WriterSettings {
-    ping_interval: Duration,
-    ping_timeout: Duration,
-    write_timeout: Duration,
+/// What every writer of a node reads and none changes: shared, so that a
+/// connection's future keeps one pointer instead of a copy of each.
+pub(crate) struct WriterSettings {
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    pub write_timeout: Duration,
+    /// The node's shutdown: cancelled, every writer closes with 1001 after
+    /// what it holds.
+    pub shutdown: CancellationToken,
+    pub metrics: Metrics,
+}
+
+/// The writer's state between passes, apart from its timer, its batch and
+/// the socket.
+struct WriterState {
+    shutting_down: bool,
+    next_ping: Instant,
+    /// When the outstanding ping was sent, and when its answer is due.
+    awaiting_pong: Option<(Instant, Instant)>,
+    /// The frames a drain hands over, reused while busy.
+    frames: Vec<Bytes>,
+}
+
+/// What one pass of the writer found to do, once its batch is filled.
+struct Pass {
+    /// Messages in the batch, counted once it is written.
+    messages: u64,
+    /// Set when the batch ends with a close frame: the close reason.
+    reason: Option<&'static str>,
+    /// More is queued: go round at once.
+    more: bool,
+    /// When the writer must wake if nothing is pushed.
+    deadline: Instant,
+}
+
+impl WriterState {
+    /// Checks the deadlines, drains the outbox and fills `batch`: everything
+    /// the writer does between its waits, in a plain fn, so that none of its
+    /// temporaries takes room in the future the connection holds for life.
+    fn pass(
+        &mut self,
+        outbox: &Outbox,
+        settings: &WriterSettings,
+        batch: &mut WriteBatch,
+        now: Instant,
+    ) -> Pass {
+        // Checked on every pass, not only in the writer's `select!`: a writer
+        // with a standing backlog goes round without waiting, and must still
+        // start its close (after flushing what is queued) when the node drains.
+        if !self.shutting_down && settings.shutdown.is_cancelled() {
+            self.shutting_down = true;
+            outbox.close(CloseCode::GoingAway);
+        }
+        let ping = now >= self.next_ping;
+        if ping {
+            if self.awaiting_pong.is_none() {
+                self.awaiting_pong = Some((now, now + settings.ping_timeout));
+            }
+            self.next_ping = now + settings.ping_interval;
+        }
+        if let Some((sent, due)) = self.awaiting_pong {
+            if outbox.last_activity() >= sent {
+                self.awaiting_pong = None;
+            } else if now >= due {
+                outbox.close(CloseCode::PingTimeout);
+            }
+        }
+        let expiry = unix_to_instant(outbox.expires_at(), now);
+        if now >= expiry {
+            outbox.close(CloseCode::TokenExpired);
+        }
+        let Drained {
+            partial,
+            binary,
+            pongs,
+            closing,
+            messages,
+            more,
+            next_release,
+        } = outbox.drain(&mut self.frames, MAX_BATCH_BYTES, now);
+        // The rest of a frame a push began writing goes first: nothing may
+        // come between its bytes, a control frame no more than another.
+        if let Some(partial) = partial {
+            batch.push_raw(partial);
+        }
+        if ping {
+            batch.push_copied(Opcode::Ping, b"");
+        }
+        for payload in pongs {
+            batch.push_copied(Opcode::Pong, &payload);
+        }
+        let opcode = if binary { Opcode::Binary } else { Opcode::Text };
+        for frame in self.frames.drain(..) {
+            batch.push(opcode, frame);
+        }
+        let reason = closing.map(|closing| match closing {
+            Closing::Code(code) => {
+                batch.push_copied(Opcode::Close, &protocol::close_payload(code));
+                code.reason()
+            }
+            Closing::Echo(payload) => {
+                batch.push_copied(Opcode::Close, &payload);
+                "client_closed"
+            }
+        });
+        let mut deadline = self.next_ping.min(expiry);
+        if let Some((_, due)) = self.awaiting_pong {
+            deadline = deadline.min(due);
+        }
+        if let Some(due) = next_release {
+            deadline = deadline.min(due);
+        }
+        Pass {
+            messages,
+            reason,
+            more,
+            deadline,
+        }
+    }
 }
 
 /// Writes everything the connection sends. Returns the close reason.
 ///
 /// Not an `async fn`, for the reason given at [`run`]. One timer serves every
 /// deadline the writer has (ping, pong, token expiry, a held message, a write
-/// that makes no progress, the close), so the future reserves one.
+/// that makes no progress, the close), so the future reserves one; what a
+/// pass computes lives in [`WriterState::pass`] or in a block that ends
+/// before the writer waits, so the future reserves no room for it either.
 #[allow(clippy::manual_async_fn)] // deliberate: see above
 fn write_loop<W>(
     mut io: W,
     outbox: Arc<Outbox>,
-    settings: WriterSettings,
-    shutdown: CancellationToken,
-    metrics: Metrics,
+    settings: Arc<WriterSettings>,
 ) -> impl Future<Output = &'static str>
 where
     W: AsyncWrite + Unpin,
 {
     async move {
-        let cancelled = shutdown.cancelled();
+        let cancelled = settings.shutdown.cancelled();
         tokio::pin!(cancelled);
-        let mut shutting_down = false;
-        let mut frames: Vec<Bytes> = Vec::new();
+        let mut state = WriterState {
+            shutting_down: false,
+            next_ping: Instant::now() + settings.ping_interval,
+            awaiting_pong: None,
+            frames: Vec::new(),
+        };
         let mut batch = WriteBatch::default();
-        let mut next_ping = Instant::now() + settings.ping_interval;
-        // When the outstanding ping was sent, and when its answer is due.
-        let mut awaiting_pong: Option<(Instant, Instant)> = None;
-        let timer = tokio::time::sleep_until(next_ping);
+        let timer = tokio::time::sleep_until(state.next_ping);
         tokio::pin!(timer);
         let mut timer_fired = false;
 
         loop {
-            // Checked on every pass, not only in the `select!` below: a writer with
-            // a standing backlog goes round without waiting, and must still start
-            // its close (after flushing what is queued) when the node drains.
-            if !shutting_down && shutdown.is_cancelled() {
-                shutting_down = true;
-                outbox.close(CloseCode::GoingAway);
-            }
-            let now = Instant::now();
-            let ping = now >= next_ping;
-            if ping {
-                if awaiting_pong.is_none() {
-                    awaiting_pong = Some((now, now + settings.ping_timeout));
+            let deadline = {
+                let pass = state.pass(&outbox, &settings, &mut batch, Instant::now());
+                if !batch.is_done() {
+                    let written = write_with_progress(
+                        &mut io,
+                        &mut batch,
+                        timer.as_mut(),
+                        settings.write_timeout,
+                    );
+                    match written.await {
+                        Ok(()) => settings.metrics.frames_delivered(pass.messages),
+                        Err(WriteFailure::Lost) => return "connection_lost",
+                        // The socket is stuck, so no close frame can be sent either.
+                        Err(WriteFailure::Stalled) => return CloseCode::SlowConsumer.reason(),
+                    }
                 }
-                next_ping = now + settings.ping_interval;
-            }
-            if let Some((sent, due)) = awaiting_pong {
-                if outbox.last_activity() >= sent {
-                    awaiting_pong = None;
-                } else if now >= due {
-                    outbox.close(CloseCode::PingTimeout);
+                if let Some(reason) = pass.reason {
+                    let shutdown = std::future::poll_fn(|cx| Pin::new(&mut io).poll_shutdown(cx));
+                    let _ = within(timer.as_mut(), CLOSE_GRACE, shutdown).await;
+                    return reason;
                 }
-            }
-            let expiry = unix_to_instant(outbox.expires_at(), now);
-            if now >= expiry {
-                outbox.close(CloseCode::TokenExpired);
-            }
-            // Taken apart at once: only the fields needed after the write are
-            // kept across it.
-            let Drained {
-                partial,
-                binary,
-                pongs,
-                closing,
-                messages,
-                more,
-                next_release,
-            } = outbox.drain(&mut frames, MAX_BATCH_BYTES, now);
-            // The rest of a frame a push began writing goes first: nothing may
-            // come between its bytes, a control frame no more than another.
-            if let Some(partial) = partial {
-                batch.push_raw(partial);
-            }
-            if ping {
-                batch.push_copied(Opcode::Ping, b"");
-            }
-            for payload in pongs {
-                batch.push_copied(Opcode::Pong, &payload);
-            }
-            let opcode = if binary { Opcode::Binary } else { Opcode::Text };
-            for frame in frames.drain(..) {
-                batch.push(opcode, frame);
-            }
-            let reason = closing.map(|closing| match closing {
-                Closing::Code(code) => {
-                    batch.push_copied(Opcode::Close, &protocol::close_payload(code));
-                    code.reason()
+                if pass.more {
+                    // Busy: the buffers are reused for the next batch at once.
+                    batch.clear();
+                    continue;
                 }
-                Closing::Echo(payload) => {
-                    batch.push_copied(Opcode::Close, &payload);
-                    "client_closed"
-                }
-            });
-            if !batch.is_done() {
-                let written = write_with_progress(
-                    &mut io,
-                    &mut batch,
-                    timer.as_mut(),
-                    settings.write_timeout,
-                );
-                match written.await {
-                    Ok(()) => metrics.frames_delivered(messages),
-                    Err(WriteFailure::Lost) => return "connection_lost",
-                    // The socket is stuck, so no close frame can be sent either.
-                    Err(WriteFailure::Stalled) => return CloseCode::SlowConsumer.reason(),
-                }
-            }
-            if let Some(reason) = reason {
-                let shutdown = std::future::poll_fn(|cx| Pin::new(&mut io).poll_shutdown(cx));
-                let _ = within(timer.as_mut(), CLOSE_GRACE, shutdown).await;
-                return reason;
-            }
-            if more {
-                // Busy: the buffers are reused for the next batch at once.
-                batch.clear();
-                continue;
-            }
+                pass.deadline
+            };
             // About to wait: an idle connection holds no write buffer.
             batch.release();
-            frames = Vec::new();
-
-            let mut deadline = next_ping.min(expiry);
-            if let Some((_, due)) = awaiting_pong {
-                deadline = deadline.min(due);
-            }
-            if let Some(due) = next_release {
-                deadline = deadline.min(due);
-            }
+            state.frames = Vec::new();
             // Re-arming the timer costs a timer-wheel update, so it is done only
             // when the deadline moved or the timer has fired.
             if timer_fired || timer.deadline() != deadline {
@@ -599,8 +655,8 @@ where
             outbox.park();
             tokio::select! {
                 biased;
-                _ = &mut cancelled, if !shutting_down => {
-                    shutting_down = true;
+                _ = &mut cancelled, if !state.shutting_down => {
+                    state.shutting_down = true;
                     outbox.close(CloseCode::GoingAway);
                 }
                 _ = outbox.changed() => {}
@@ -698,6 +754,16 @@ mod tests {
     use super::*;
     use crate::config::SlowPolicy;
     use crate::session::outbox::DeliveryPolicy;
+
+    fn test_settings(metrics: Metrics, shutdown: Option<CancellationToken>) -> Arc<WriterSettings> {
+        Arc::new(WriterSettings {
+            ping_interval: Duration::from_secs(60),
+            ping_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(10),
+            shutdown: shutdown.unwrap_or_default(),
+            metrics,
+        })
+    }
 
     /// Reads one unmasked server frame: (opcode, payload).
     async fn read_server_frame(io: &mut (impl AsyncRead + Unpin)) -> (u8, Vec<u8>) {
@@ -814,11 +880,6 @@ mod tests {
             Opcode::Close,
             &protocol::close_payload(CloseCode::GoingAway),
         );
-        let settings = WriterSettings {
-            ping_interval: Duration::from_secs(60),
-            ping_timeout: Duration::from_secs(60),
-            write_timeout: Duration::from_secs(10),
-        };
         for vectored in [true, false] {
             for step in [1, 2, 7, 100, 1500, usize::MAX] {
                 let metrics = Metrics::new("test");
@@ -841,14 +902,7 @@ mod tests {
                     vectored,
                     calls: 0,
                 };
-                let reason = write_loop(
-                    &mut socket,
-                    outbox,
-                    settings,
-                    CancellationToken::new(),
-                    metrics,
-                )
-                .await;
+                let reason = write_loop(&mut socket, outbox, test_settings(metrics, None)).await;
                 assert_eq!(reason, "shutdown");
                 assert!(
                     socket.written == expected,
@@ -873,17 +927,10 @@ mod tests {
         ));
         let (mut client, server) = tokio::io::duplex(16 * 1024);
         let shutdown = CancellationToken::new();
-        let settings = WriterSettings {
-            ping_interval: Duration::from_secs(60),
-            ping_timeout: Duration::from_secs(60),
-            write_timeout: Duration::from_secs(10),
-        };
         let writer = tokio::spawn(write_loop(
             server,
             outbox.clone(),
-            settings,
-            shutdown.clone(),
-            metrics,
+            test_settings(metrics, Some(shutdown.clone())),
         ));
         // The queue stays full: more than one batch is always waiting. The
         // feeder is a thread of its own, so it never lets the queue run dry.

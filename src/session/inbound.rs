@@ -160,11 +160,11 @@ pub struct FrameReader<R> {
 /// it first: the bytes land in a buffer on the stack of the one poll that
 /// finds them, and `buffer` is allocated to their size. So an idle reader,
 /// which spends its life waiting here, holds no read buffer.
-async fn read_unbuffered<R: AsyncRead + Unpin>(
+fn read_unbuffered<R: AsyncRead + Unpin>(
     io: &mut R,
     buffer: &mut BytesMut,
-) -> std::io::Result<usize> {
-    std::future::poll_fn(|cx| {
+) -> impl Future<Output = std::io::Result<usize>> {
+    std::future::poll_fn(move |cx| {
         // Uninitialised: a transport that finds nothing to read (the common
         // case: the task woke to write) costs no memset.
         let mut stack = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
@@ -173,7 +173,6 @@ async fn read_unbuffered<R: AsyncRead + Unpin>(
         buffer.extend_from_slice(read.filled());
         Poll::Ready(Ok(read.filled().len()))
     })
-    .await
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -205,87 +204,107 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// whenever bytes arrive (a slow upload is still a live client). While a
     /// frame or fragmented message is under way, it must be complete within
     /// `frame_timeout` of its first byte, else 4006.
-    async fn fill(&mut self, wanted: usize, activity: &mut impl FnMut()) -> Result<(), ReadError> {
-        while self.buffer.len() < wanted {
-            let read = if self.buffer.is_empty() && self.fragments.is_none() {
-                // Idle: waiting for a new frame has no deadline, and holds no
-                // buffer until bytes arrive.
-                self.partial_since = None;
-                read_unbuffered(&mut self.io, &mut self.buffer).await
-            } else {
-                let missing = wanted - self.buffer.len();
-                let spare = self.buffer.capacity() - self.buffer.len();
-                if spare < missing.min(INITIAL_BUFFER) {
-                    self.buffer
-                        .reserve(missing.clamp(INITIAL_BUFFER, READ_CHUNK));
+    ///
+    /// Not an `async fn`, like [`FrameReader::next`]: one of those keeps its
+    /// arguments twice, and every idle connection waits in here.
+    #[allow(clippy::manual_async_fn)] // deliberate: see above
+    fn fill(
+        &mut self,
+        wanted: usize,
+        activity: &mut impl FnMut(),
+    ) -> impl Future<Output = Result<(), ReadError>> {
+        async move {
+            while self.buffer.len() < wanted {
+                let read = if self.buffer.is_empty() && self.fragments.is_none() {
+                    // Idle: waiting for a new frame has no deadline, and holds no
+                    // buffer until bytes arrive.
+                    self.partial_since = None;
+                    read_unbuffered(&mut self.io, &mut self.buffer).await
+                } else {
+                    let missing = wanted - self.buffer.len();
+                    let spare = self.buffer.capacity() - self.buffer.len();
+                    if spare < missing.min(INITIAL_BUFFER) {
+                        self.buffer
+                            .reserve(missing.clamp(INITIAL_BUFFER, READ_CHUNK));
+                    }
+                    let since = *self.partial_since.get_or_insert_with(Instant::now);
+                    // `read_buf` is cancel-safe: on timeout nothing was consumed.
+                    // Boxed, so that the deadline's timer takes memory only while a
+                    // frame is under way, not in every idle reader's future.
+                    match Box::pin(tokio::time::timeout_at(
+                        since + self.frame_timeout,
+                        self.io.read_buf(&mut self.buffer),
+                    ))
+                    .await
+                    {
+                        Ok(read) => read,
+                        Err(_) => return Err(ReadError::Violation(CloseCode::FrameTimeout)),
+                    }
+                };
+                match read {
+                    Ok(0) | Err(_) => return Err(ReadError::Lost),
+                    Ok(_) => activity(),
                 }
-                let since = *self.partial_since.get_or_insert_with(Instant::now);
-                // `read_buf` is cancel-safe: on timeout nothing was consumed.
-                // Boxed, so that the deadline's timer takes memory only while a
-                // frame is under way, not in every idle reader's future.
-                match Box::pin(tokio::time::timeout_at(
-                    since + self.frame_timeout,
-                    self.io.read_buf(&mut self.buffer),
-                ))
-                .await
-                {
-                    Ok(read) => read,
-                    Err(_) => return Err(ReadError::Violation(CloseCode::FrameTimeout)),
-                }
-            };
-            match read {
-                Ok(0) | Err(_) => return Err(ReadError::Lost),
-                Ok(_) => activity(),
             }
+            Ok(())
         }
-        Ok(())
     }
 
     /// The next message or control frame. Not cancel-safe: a partly read frame
     /// is lost if the future is dropped, so the reader runs on its own.
-    pub async fn next(&mut self, activity: &mut impl FnMut()) -> Result<Inbound, ReadError> {
-        loop {
-            let header = loop {
-                if let Some(header) = parse_header(&self.buffer)? {
-                    break header;
+    ///
+    /// Not an `async fn`: one of those moves its arguments into locals beside
+    /// the slots they arrived in and keeps both, and every idle connection's
+    /// future holds this one.
+    #[allow(clippy::manual_async_fn)] // deliberate: see above
+    pub fn next(
+        &mut self,
+        activity: &mut impl FnMut(),
+    ) -> impl Future<Output = Result<Inbound, ReadError>> {
+        async move {
+            loop {
+                let header = loop {
+                    if let Some(header) = parse_header(&self.buffer)? {
+                        break header;
+                    }
+                    let have = self.buffer.len();
+                    self.fill(have + 1, activity).await?;
+                };
+                if matches!(header.opcode, CONTINUATION | TEXT | BINARY | PING)
+                    && !self.requests.try_take(Instant::now())
+                {
+                    return Err(ReadError::Violation(CloseCode::PolicyViolation));
                 }
-                let have = self.buffer.len();
-                self.fill(have + 1, activity).await?;
-            };
-            if matches!(header.opcode, CONTINUATION | TEXT | BINARY | PING)
-                && !self.requests.try_take(Instant::now())
-            {
-                return Err(ReadError::Violation(CloseCode::PolicyViolation));
-            }
-            let assembled = self
-                .fragments
-                .as_ref()
-                .map_or(0, |fragments| fragments.bytes.len());
-            let data = matches!(header.opcode, CONTINUATION | TEXT | BINARY);
-            if header.payload_len > self.max_message as u64
-                || (data && assembled as u64 + header.payload_len > self.max_message as u64)
-            {
-                return Err(ReadError::Violation(CloseCode::MessageTooBig));
-            }
-            let frame_len = header.header_len + header.payload_len as usize;
-            self.fill(frame_len, activity).await?;
-            let payload: Vec<u8> = self.buffer[header.header_len..frame_len]
-                .iter()
-                .enumerate()
-                .map(|(index, byte)| byte ^ header.mask[index % 4])
-                .collect();
-            self.buffer.advance(frame_len);
-            if self.buffer.is_empty() {
-                // Nothing else refers to the allocation now: free it, so an
-                // idle connection holds no read buffer whatever it last sent.
-                self.buffer = BytesMut::new();
-            }
-            if let Some(message) = self.frame(header, payload)? {
-                if matches!(message, Inbound::Text(_) | Inbound::Binary(_)) {
-                    // A whole message arrived: the next one has its own deadline.
-                    self.partial_since = None;
+                let assembled = self
+                    .fragments
+                    .as_ref()
+                    .map_or(0, |fragments| fragments.bytes.len());
+                let data = matches!(header.opcode, CONTINUATION | TEXT | BINARY);
+                if header.payload_len > self.max_message as u64
+                    || (data && assembled as u64 + header.payload_len > self.max_message as u64)
+                {
+                    return Err(ReadError::Violation(CloseCode::MessageTooBig));
                 }
-                return Ok(message);
+                let frame_len = header.header_len + header.payload_len as usize;
+                self.fill(frame_len, activity).await?;
+                let payload: Vec<u8> = self.buffer[header.header_len..frame_len]
+                    .iter()
+                    .enumerate()
+                    .map(|(index, byte)| byte ^ header.mask[index % 4])
+                    .collect();
+                self.buffer.advance(frame_len);
+                if self.buffer.is_empty() {
+                    // Nothing else refers to the allocation now: free it, so an
+                    // idle connection holds no read buffer whatever it last sent.
+                    self.buffer = BytesMut::new();
+                }
+                if let Some(message) = self.frame(header, payload)? {
+                    if matches!(message, Inbound::Text(_) | Inbound::Binary(_)) {
+                        // A whole message arrived: the next one has its own deadline.
+                        self.partial_since = None;
+                    }
+                    return Ok(message);
+                }
             }
         }
     }

@@ -116,6 +116,24 @@ impl Session {
         }
     }
 
+    /// Queues the welcome frame, the first the client gets (none in echo mode).
+    pub(crate) fn welcome(&self) {
+        if self.mode.echoes() {
+            return;
+        }
+        self.outbox.push_reply(
+            ServerFrame::Welcome {
+                connection_id: self.id,
+                node_id: &self.node.id,
+                user: &self.principal.user,
+                protocol: protocol::SUBPROTOCOL,
+                ping_interval_ms: self.node.config.ping.interval.as_millis() as u64,
+                expires_at: self.principal.expires_at,
+            }
+            .encode(),
+        );
+    }
+
     pub(crate) async fn on_text(&mut self, payload: Vec<u8>) {
         if self.mode.echoes() {
             self.outbox.push_reply(Bytes::from(payload));
