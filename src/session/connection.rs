@@ -113,22 +113,22 @@ pub(crate) fn serve(opening: Box<Opening>) -> impl Future<Output = ()> + Send {
         // The session's future is made here and awaited after the `let`:
         // awaited inside the `match`, it would keep the matched `Split` for
         // life beside the parts moved out of it.
+        let who = Who {
+            node,
+            id,
+            principal,
+            mode,
+        };
         let session = match split(upgraded) {
             Some(Split::Tcp(early, reader, writer, socket)) => Either::Left(run(Box::new(Start {
-                node,
-                id,
-                principal,
-                mode,
+                who,
                 early,
                 reader,
                 writer,
                 socket: Some(socket),
             }))),
             Some(Split::Tls(early, reader, writer)) => Either::Right(run(Box::new(Start {
-                node,
-                id,
-                principal,
-                mode,
+                who,
                 early,
                 reader,
                 writer,
@@ -254,13 +254,18 @@ fn split(upgraded: Upgraded) -> Option<Split> {
     Some(Split::Tls(early, read, write))
 }
 
-/// What a session's task runs on, boxed like [`Opening`] and unpacked at
-/// once: a future keeps its arguments for life, so it keeps one pointer.
-struct Start<R, W> {
+/// Whose session it is, whatever the transport.
+struct Who {
     node: Node,
     id: ConnectionId,
     principal: Principal,
     mode: Mode,
+}
+
+/// What a session's task runs on, boxed like [`Opening`] and unpacked at
+/// once: a future keeps its arguments for life, so it keeps one pointer.
+struct Start<R, W> {
+    who: Who,
     /// What the client sent behind its handshake, read before `reader`.
     early: BytesMut,
     reader: R,
@@ -280,10 +285,13 @@ where
 {
     async move {
         let Start {
-            node,
-            id,
-            principal,
-            mode,
+            who:
+                Who {
+                    node,
+                    id,
+                    principal,
+                    mode,
+                },
             early,
             reader,
             writer,
