@@ -181,9 +181,6 @@ struct RateSlot {
 /// latest are. Pings also take request tokens (`limits.requests_per_second`).
 pub const MAX_PENDING_PONGS: usize = 16;
 
-/// Entries kept allocated in an idle queue; a larger buffer is freed once drained.
-const IDLE_QUEUE_CAPACITY: usize = 8;
-
 impl Outbox {
     pub fn new(limits: QueueLimits, expires_at: u64, metrics: Metrics) -> Outbox {
         Outbox {
@@ -565,12 +562,11 @@ impl Outbox {
             frames.push(entry.frame);
         }
         if state.queue.is_empty() {
-            if state.queue.capacity() > IDLE_QUEUE_CAPACITY {
-                state.queue = VecDeque::new();
-            }
-            if state.conflated.capacity() > IDLE_QUEUE_CAPACITY {
-                state.conflated = VecDeque::new();
-            }
+            // An idle connection keeps no queue buffer: the 4 entries the
+            // first push reserves are 192 bytes per connection for life, and
+            // the next push's allocation is cheap beside its write.
+            state.queue = VecDeque::new();
+            state.conflated = VecDeque::new();
             drained.closing = state.closing.clone();
         } else {
             drained.more = true;
@@ -742,6 +738,24 @@ mod tests {
         let mut received = vec![0u8; expected.len() - rest.len()];
         client.read_exact(&mut received).await.unwrap();
         assert_eq!(received, expected[..received.len()]);
+    }
+
+    #[test]
+    fn a_drained_queue_keeps_no_buffer() {
+        let outbox = outbox(16, 1 << 20);
+        for i in 0..3 {
+            outbox.push_message(
+                &Bytes::from(format!("m{i}")),
+                i,
+                &policy(SlowPolicy::Conflate),
+            );
+        }
+        assert!(outbox.lock().queue.capacity() > 0);
+        let (frames, _) = drain_all(&outbox);
+        assert_eq!(frames.len(), 3);
+        let state = outbox.lock();
+        assert_eq!(state.queue.capacity(), 0, "an idle outbox holds no queue");
+        assert_eq!(state.conflated.capacity(), 0);
     }
 
     #[test]
