@@ -14,6 +14,7 @@
 //!    the first signal. Upgraded connections outlive hyper's own connection
 //!    futures, so they are tracked explicitly in the node's `TaskTracker`.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use tracing::{info, warn};
 
 use crate::Node;
 use crate::protocol::CloseCode;
+use crate::session::outbox::Outbox;
 
 /// Resolves on a SIGTERM or SIGINT (each call waits for the next one).
 pub async fn signal() {
@@ -67,15 +69,18 @@ pub(crate) fn random_unit() -> f64 {
     (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// The outboxes of the sessions open now, taken out of the registry's lock.
+fn registered(node: &Node) -> Vec<Arc<Outbox>> {
+    let sessions = node.sessions.lock().unwrap_or_else(|p| p.into_inner());
+    sessions.values().cloned().collect()
+}
+
 /// Drains the node; see the module documentation.
 pub(crate) async fn drain(node: &Node, hurry: impl std::future::Future<Output = ()>) {
     let started = Instant::now();
     let config = &node.config.shutdown;
     node.draining.store(true, Ordering::SeqCst);
-    let mut sessions: Vec<_> = {
-        let sessions = node.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        sessions.values().cloned().collect()
-    };
+    let mut sessions = registered(node);
     // A random order, so that no group of clients (say, the oldest) always
     // goes first.
     for index in (1..sessions.len()).rev() {
@@ -99,6 +104,13 @@ pub(crate) async fn drain(node: &Node, hurry: impl std::future::Future<Output = 
         _ = hurry => info!("second signal: closing every connection now"),
     }
     node.shutdown.cancel();
+    // Every session still open queues its 1001 now, after what it holds: a
+    // waiting writer is woken by the close (writers do not wait on the token
+    // itself), and a session that registers from here on sees the token and
+    // closes itself (`Registered::new` checks it under the same lock).
+    for outbox in registered(node) {
+        outbox.close(CloseCode::GoingAway);
+    }
     node.tracker.close();
     let deadline = started + config.timeout;
     if tokio::time::timeout_at(deadline, node.tracker.wait())

@@ -486,8 +486,10 @@ pub(crate) struct WriterSettings {
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
     pub write_timeout: Duration,
-    /// The node's shutdown: cancelled, every writer closes with 1001 after
-    /// what it holds.
+    /// The node's shutdown: once cancelled, a writer closes with 1001 after
+    /// what it holds. A writer checks it on each pass and does not wait on
+    /// it: whoever cancels it closes the registered outboxes too
+    /// ([`crate::shutdown::drain`]).
     pub shutdown: CancellationToken,
     pub metrics: Metrics,
 }
@@ -618,8 +620,6 @@ where
     W: AsyncWrite + Unpin,
 {
     async move {
-        let cancelled = settings.shutdown.cancelled();
-        tokio::pin!(cancelled);
         let mut state = WriterState {
             shutting_down: false,
             next_ping: Instant::now() + settings.ping_interval,
@@ -671,12 +671,12 @@ where
             timer_fired = false;
             // From here until the next drain, pushes may write on the spot.
             outbox.park();
+            // No wait on the node's shutdown token here (80 bytes per
+            // writer): the drain closes every registered outbox once it
+            // cancels the token, which wakes a waiting writer, and a busy one
+            // sees the token on its next pass.
             tokio::select! {
                 biased;
-                _ = &mut cancelled, if !state.shutting_down => {
-                    state.shutting_down = true;
-                    outbox.close(CloseCode::GoingAway);
-                }
                 _ = outbox.changed() => {}
                 _ = &mut timer => timer_fired = true,
             }
