@@ -14,8 +14,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::time::Duration;
 
-use common::{RawClient, TestNode, token};
-use serde_json::{Value, json};
+use common::{RawClient, TestNode};
 
 struct Counting;
 
@@ -52,12 +51,12 @@ fn live() -> (i64, i64) {
     (LIVE_BLOCKS.with(Cell::get), LIVE_BYTES.with(Cell::get))
 }
 
-/// Opens `count` subscribed connections to `node` from another thread and
-/// keeps them open until `close` resolves; resolves its result once all are
-/// subscribed.
+/// Opens `connections` subscribed connections to `node` from another thread
+/// and keeps them open until `close` resolves; resolves its result once all
+/// are subscribed.
 fn open_clients(
     addr: std::net::SocketAddr,
-    count: usize,
+    connections: usize,
     close: tokio::sync::oneshot::Receiver<()>,
 ) -> tokio::sync::oneshot::Receiver<()> {
     let (ready, subscribed) = tokio::sync::oneshot::channel();
@@ -67,23 +66,10 @@ fn open_clients(
             .build()
             .unwrap();
         runtime.block_on(async move {
-            let mut clients = Vec::with_capacity(count);
-            for i in 0..count {
-                let path = format!("/ws?token={}", token(&format!("user-{i}"), &["*"]));
-                let mut raw = RawClient::connect(addr, &path).await;
-                let request =
-                    json!({"op": "subscribe", "id": 1, "channels": [format!("load.{}", i % 10)]});
-                raw.send_frame(true, 0x1, request.to_string().as_bytes(), true)
-                    .await;
-                loop {
-                    let (_, payload) = raw.read_frame().await.expect("the subscribe reply");
-                    let frame: Value = serde_json::from_slice(&payload).unwrap();
-                    if frame["type"] == "reply" {
-                        assert_eq!(frame["errors"], json!([]), "{frame}");
-                        break;
-                    }
-                }
-                clients.push(raw);
+            let mut clients = Vec::with_capacity(connections);
+            for i in 0..connections {
+                let (user, channel) = (format!("user-{i}"), format!("load.{}", i % 10));
+                clients.push(RawClient::subscribed_as(addr, &user, &channel, None).await);
             }
             let _ = ready.send(());
             let _ = close.await;
@@ -96,9 +82,7 @@ fn open_clients(
 /// Lets the node's tasks finish what the clients started (the writers drain
 /// and wait) on this thread.
 async fn settle() {
-    for _ in 0..20 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
 }
 
 #[tokio::test]

@@ -371,13 +371,26 @@ impl RawClient {
         channel: &str,
         receive_buffer: Option<u32>,
     ) -> RawClient {
-        let path = format!("/ws?token={}", token("u", &["*"]));
-        let mut raw = RawClient::connect_with(node.addr, &path, receive_buffer).await;
+        Self::subscribed_as(node.addr, "u", channel, receive_buffer).await
+    }
+
+    /// A raw client at `addr` for the user `sub`, granted every channel and
+    /// subscribed to `channel`: the reply has been read, and refused nothing.
+    pub async fn subscribed_as(
+        addr: SocketAddr,
+        sub: &str,
+        channel: &str,
+        receive_buffer: Option<u32>,
+    ) -> RawClient {
+        let path = format!("/ws?token={}", token(sub, &["*"]));
+        let mut raw = RawClient::connect_with(addr, &path, receive_buffer).await;
         let request = json!({"op": "subscribe", "id": 1, "channels": [channel]}).to_string();
         raw.send_frame(true, 0x1, request.as_bytes(), true).await;
         loop {
             let (_, payload) = raw.read_frame().await.expect("the subscribe reply");
-            if serde_json::from_slice::<Value>(&payload).unwrap()["type"] == "reply" {
+            let frame: Value = serde_json::from_slice(&payload).unwrap();
+            if frame["type"] == "reply" {
+                assert_eq!(frame["errors"], json!([]), "{frame}");
                 return raw;
             }
         }
